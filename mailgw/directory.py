@@ -1,0 +1,113 @@
+"""The directory: the people the gateway knows, by mail address and by extension.
+
+It turns a To address into the destination's extension and a From address into the sender's
+number, and says which language a person reads. Loaded from ``config/directory.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from email_validator import EmailNotValidError, validate_email
+
+
+class DirectoryError(Exception):
+    """A directory file that cannot be used; the message names the entry."""
+
+
+@dataclass(frozen=True)
+class Person:
+    address: str  # normalised: lower-case domain, as email-validator returns it
+    name: str
+    extension: str
+    language: str = "en"
+    groups: tuple[str, ...] = ()
+    numbers: tuple[str, ...] = field(default=())  # other numbers that are this person (mobile, DID)
+
+    @property
+    def local_part(self) -> str:
+        return self.address.rpartition("@")[0]
+
+
+@dataclass(frozen=True)
+class Directory:
+    people: tuple[Person, ...] = ()
+    representative: str | None = None  # where mail for "nobody in particular" goes
+
+    def by_address(self, address: str) -> Person | None:
+        wanted = normalise_address(address)
+        if wanted is None:
+            return None
+        for person in self.people:
+            if person.address == wanted:
+                return person
+        return None
+
+    def by_extension(self, extension: str) -> Person | None:
+        for person in self.people:
+            if person.extension == extension or extension in person.numbers:
+                return person
+        return None
+
+
+def normalise_address(address: str) -> str | None:
+    """The comparable form of a mail address (local part kept, domain lower-cased), or None."""
+    try:
+        checked = validate_email(address.strip(), check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError:
+        return None
+    local, _, domain = checked.normalized.rpartition("@")
+    return f"{local.lower()}@{domain.lower()}"
+
+
+def load_directory(path: Path) -> Directory:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise DirectoryError(f"{path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise DirectoryError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise DirectoryError(f"{path}: the top level must be a mapping with 'people'")
+    people = []
+    seen_addresses: set[str] = set()
+    seen_extensions: set[str] = set()
+    for index, entry in enumerate(raw.get("people") or [], start=1):
+        person = _person(entry, f"{path}: people[{index}]")
+        if person.address in seen_addresses:
+            raise DirectoryError(f"{path}: people[{index}]: address {person.address} is listed twice")
+        if person.extension in seen_extensions:
+            raise DirectoryError(f"{path}: people[{index}]: extension {person.extension} is listed twice")
+        seen_addresses.add(person.address)
+        seen_extensions.add(person.extension)
+        people.append(person)
+    representative = raw.get("representative")
+    if representative is not None:
+        representative = normalise_address(str(representative))
+        if representative is None:
+            raise DirectoryError(f"{path}: representative: not a mail address")
+    return Directory(tuple(people), representative)
+
+
+def _person(entry: object, where: str) -> Person:
+    if not isinstance(entry, dict):
+        raise DirectoryError(f"{where}: must be a mapping")
+    unknown = set(entry) - {"address", "name", "extension", "language", "groups", "numbers"}
+    if unknown:
+        raise DirectoryError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    address = normalise_address(str(entry.get("address", "")))
+    if address is None:
+        raise DirectoryError(f"{where}: address {entry.get('address')!r} is not a mail address")
+    extension = str(entry.get("extension", ""))
+    if not extension.isdigit():
+        raise DirectoryError(f"{where}: extension {extension!r} must be digits")
+    return Person(
+        address=address,
+        name=str(entry.get("name") or address),
+        extension=extension,
+        language=str(entry.get("language") or "en"),
+        groups=tuple(str(g) for g in entry.get("groups") or ()),
+        numbers=tuple(str(n) for n in entry.get("numbers") or ()),
+    )

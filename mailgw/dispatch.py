@@ -1,0 +1,274 @@
+"""Dispatch: run each stored request once, record how it ended, and tell the sender.
+
+The dispatcher works only from what the store holds, so a restarted gateway picks up exactly where
+the last one stopped:
+
+* ``queued`` entries run (again) from the start; nothing was dialled for them yet;
+* an ``executing`` request whose call row exists but has no outcome was cut off mid-call by a
+  crash: it is NOT dialled again (a second call is worse than a failure notice); the sender is told;
+* a PBX that cannot be reached leaves the request queued and retried until its monitor window
+  closes; then the sender gets a failure notice.
+
+Decisions (what to do with a request, what a call result means for the sender) are plain functions
+at the bottom; the class only moves data between the store, the PBX port and the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from . import mailbox
+from .config import Config
+from .notify import Notifier, Result
+from .outbound import Outbox
+from .pbx.port import CallOutcome, ConnectResult, Party, PbxError, PbxPort, PbxUnavailable
+from .request import Action, ExchangeRequest, Trigger, describe
+from .status import Refused
+from .store import MessageRow, MessageState, Store, utcnow
+
+log = logging.getLogger("mailgw.dispatch")
+
+PBX_RETRY_SECONDS = 5.0  # first wait when the PBX is down; doubles up to a minute
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: Store, pbx: PbxPort, notifier: Notifier, outbox: Outbox) -> None:
+        self.config = config
+        self.store = store
+        self.pbx = pbx
+        self.notifier = notifier
+        self.outbox = outbox
+        self._calls = asyncio.Semaphore(config.pbx.max_concurrent_calls)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._pbx_failures = 0
+
+    def submit(self, message_ids: list[str]) -> None:
+        """Called by ingress after the 250: start working on the new entries."""
+        for message_id in message_ids:
+            self._start(message_id)
+
+    async def resume(self) -> None:
+        """Pick up everything a previous run left unfinished."""
+        unfinished = await self.store.unfinished_messages()
+        if unfinished:
+            log.info("resuming %d unfinished entries", len(unfinished))
+        for row in unfinished:
+            self._start(row.id)
+
+    async def stop(self) -> None:
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start(self, message_id: str, delay: float = 0.0) -> None:
+        if message_id in self._running:
+            return
+        task = asyncio.create_task(self._work(message_id, delay), name=f"dispatch-{message_id}")
+        self._running[message_id] = task
+        task.add_done_callback(lambda done: self._forget(message_id, done))
+
+    def _forget(self, message_id: str, task: asyncio.Task[None]) -> None:
+        # A task that rescheduled itself has already been replaced; keep the replacement.
+        if self._running.get(message_id) is task:
+            del self._running[message_id]
+
+    async def _work(self, message_id: str, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        try:
+            row = await self.store.get_message(message_id)
+            if row is None or row.state in (MessageState.DONE, MessageState.FAILED):
+                return
+            if row.kind == "mail":
+                await self._deliver_mail(row)
+            else:
+                await self._run_request(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug must not silently drop the entry: it stays queued and is retried on restart.
+            log.exception("entry %s: unexpected error; left queued", message_id)
+
+    async def _deliver_mail(self, row: MessageRow) -> None:
+        raw = await asyncio.to_thread(row.spool_path.read_bytes)
+        await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, raw)
+        await self.store.set_state(row.id, MessageState.DONE, stage="delivered", detail=f"to {row.rcpt_to}")
+        log.info("mail %s delivered to the mailbox of %s", row.id, row.rcpt_to)
+
+    async def _run_request(self, row: MessageRow) -> None:
+        assert row.request is not None
+        request = ExchangeRequest.from_json(row.request)
+        now = utcnow()
+        decision = decide(request, row, now)
+        if isinstance(decision, Wait):
+            self._start_later(row.id, decision.seconds)
+            return
+        if isinstance(decision, Finish):
+            await self._finish(row, request, decision.result)
+            return
+
+        calls = await self.store.calls_for(row.id)
+        interrupted = next((c for c in calls if c.outcome is None), None)
+        if interrupted is not None:
+            still_up = await self._still_up(interrupted.id)
+            detail = ("the gateway restarted while this call was being placed"
+                      + ("; the call is still up on the PBX" if still_up else "")
+                      + "; it was not dialled again so that nobody is called twice")
+            await self.store.finish_call(interrupted.id, outcome="failed", failed_party=None, cause=None,
+                                         from_answered_at=None, to_answered_at=None, ended_at=now)
+            await self._finish(row, request, Result(row.id, "failed", detail, row.received_at))
+            return
+
+        call_id = f"{row.id}-{len(calls) + 1}"
+        await self.store.set_state(row.id, MessageState.EXECUTING, stage="executing", detail=f"call {call_id}")
+        log.info("request %s executing: %s (call %s)", row.id, describe(request), call_id)
+        async with self._calls:
+            await self.store.add_call(call_id, row.id, request.from_number, request.to_number)  # type: ignore[arg-type]
+            try:
+                result = await self.pbx.connect(call_id, request.from_number, request.to_number,  # type: ignore[arg-type]
+                                                ring_timeout=self.config.pbx.ring_timeout,
+                                                caller_id=self.config.pbx.caller_id)
+            except PbxUnavailable as exc:
+                await self._pbx_down(row, call_id, exc)
+                return
+            except PbxError as exc:
+                # The Originate may have reached the PBX: do not dial again.
+                await self.store.finish_call(call_id, outcome="failed", failed_party=None, cause=None,
+                                             from_answered_at=None, to_answered_at=None, ended_at=utcnow())
+                await self._finish(row, request, Result(row.id, "failed", f"the PBX did not answer in time ({exc})",
+                                                        row.received_at))
+                return
+        self._pbx_failures = 0
+        await self.store.finish_call(call_id, outcome=result.outcome, failed_party=result.failed_party,
+                                     cause=result.cause, from_answered_at=result.from_answered_at,
+                                     to_answered_at=result.to_answered_at, ended_at=result.ended_at)
+        await self._finish(row, request, call_result(row, request, result))
+
+    async def _pbx_down(self, row: MessageRow, call_id: str, exc: Exception) -> None:
+        """Nothing was dialled: forget the attempt and try again later, within the monitor window."""
+        await self.store.finish_call(call_id, outcome="not-placed", failed_party=None, cause=None,
+                                     from_answered_at=None, to_answered_at=None, ended_at=utcnow())
+        self._pbx_failures += 1
+        delay = min(PBX_RETRY_SECONDS * 2 ** (self._pbx_failures - 1), 60.0)
+        await self.store.set_state(row.id, MessageState.QUEUED, stage="waiting",
+                                   detail=f"PBX unavailable ({exc}); retry in {delay:.0f}s",
+                                   not_before=utcnow() + timedelta(seconds=delay))
+        log.warning("request %s: PBX unavailable (%s); retry in %.0fs", row.id, exc, delay)
+        self._start_later(row.id, delay)
+
+    def _start_later(self, message_id: str, seconds: float) -> None:
+        self._running.pop(message_id, None)
+        self._start(message_id, delay=max(seconds, 0.0))
+
+    async def _still_up(self, call_id: str) -> bool:
+        try:
+            return await self.pbx.find_call(call_id)
+        except PbxError:
+            return False
+
+    async def _finish(self, row: MessageRow, request: ExchangeRequest, result: Result) -> None:
+        ok = result.outcome in ("answered", "dry-run")
+        notification = None
+        if should_notify(request, result):
+            mail = self.notifier.result_mail(request, result)
+            notification = await self.outbox.prepare(mail, rcpt_to=request.sender, request_id=row.id)
+        await self.store.finish_request(row.id, MessageState.DONE if ok else MessageState.FAILED,
+                                        outcome=result.outcome, status=result.status, detail=result.detail,
+                                        notification=notification)
+        log.info("request %s outcome: %s (%s) %s", row.id, result.outcome, result.status,
+                 "" if request.confidential else result.detail)
+        if notification is not None:
+            self.outbox.wake()
+
+
+# --- decisions ----------------------------------------------------------------------------------
+
+def check_supported(request: ExchangeRequest) -> None:
+    """Refuse at DATA what this gateway cannot carry out yet, rather than accept and fail later."""
+    if request.action != Action.CONNECT:
+        raise Refused(550, "5.3.3", f"field 'action': '{request.action}' is not available on this gateway yet"
+                                    " (only 'connect' is)")
+    if request.trigger != Trigger.ON_RECEIPT:
+        raise Refused(550, "5.3.3", f"field 'trigger': '{request.trigger}' is not available on this gateway yet"
+                                    " (only 'on-receipt' is)")
+    if request.scenario_name or request.scenario_inline:
+        raise Refused(550, "5.3.3", "field 'scenario': scenarios are not available on this gateway yet")
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    result: Result
+
+
+@dataclass(frozen=True)
+class Dial:
+    pass
+
+
+def decide(request: ExchangeRequest, row: MessageRow, now: datetime) -> Wait | Finish | Dial:
+    """What to do with a stored request right now."""
+    if request.dry_run:
+        return Finish(Result(row.id, "dry-run", "dry run: nothing was dialled", row.received_at,
+                             dry_run_plan=plan(request)))
+    window_opens = max(row.received_at, request.at) if request.at else row.received_at
+    deadline = window_opens + timedelta(seconds=request.monitor)
+    start = max(window_opens, row.not_before or window_opens)
+    if start > now:
+        return Wait((start - now).total_seconds())
+    if now > deadline:
+        return Finish(Result(row.id, "expired",
+                             f"the request could not be carried out within its monitor time "
+                             f"({_minutes(request.monitor)})", row.received_at))
+    return Dial()
+
+
+def plan(request: ExchangeRequest) -> str:
+    """The steps a request would take, for dry-run answers."""
+    steps = [f"1. ring {request.from_number} (your phone) for up to the ring timeout;",
+             f"2. when it is answered, ring {request.to_number} and put you through."]
+    if request.at is not None:
+        steps.insert(0, f"0. wait until {request.at.astimezone():%Y-%m-%d %H:%M};")
+    return "\n".join(steps)
+
+
+def call_result(row: MessageRow, request: ExchangeRequest, result: ConnectResult) -> Result:
+    """The sender's view of a finished two-point connection."""
+    if result.outcome == CallOutcome.ANSWERED:
+        return Result(row.id, "answered", "both parties answered", row.received_at,
+                      answered_at=result.to_answered_at or result.ended_at)
+    who = "your phone" if result.failed_party == Party.FROM else "the destination"
+    number = request.from_number if result.failed_party == Party.FROM else request.to_number
+    if request.confidential:
+        number = "(confidential)"
+    sentence = {
+        CallOutcome.BUSY: f"{who} ({number}) was busy",
+        CallOutcome.NO_ANSWER: f"{who} ({number}) did not answer",
+        CallOutcome.UNREACHABLE: f"{who} ({number}) could not be reached (switched off or not registered)",
+        CallOutcome.CONGESTION: f"the network was congested when calling {who} ({number})",
+        CallOutcome.INVALID: f"{who} ({number}) is not a number in service",
+        CallOutcome.REJECTED: f"{who} ({number}) rejected the call",
+    }.get(result.outcome, f"the call to {who} ({number}) failed")
+    if result.cause is not None:
+        sentence += f" (cause {result.cause})"
+    return Result(row.id, str(result.outcome), sentence, row.received_at)
+
+
+SYSTEM_FAILURES = {"failed", "expired"}
+
+
+def should_notify(request: ExchangeRequest, result: Result) -> bool:
+    """notify: no silences results, but never a failure the gateway itself caused."""
+    return request.notify or result.outcome in SYSTEM_FAILURES
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"

@@ -1,0 +1,107 @@
+"""The gateway: every stage wired together on one event loop.
+
+``Gateway(config).start()`` opens the store, starts the built-in AMI simulator when it is enabled,
+connects the AMI driver, resumes unfinished work, starts the outbox worker and finally listens for
+SMTP. ``stop()`` undoes it in reverse order. ``mailgw serve`` is a thin wrapper around this, and
+the tests start the same object on ephemeral ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import replace
+
+from .config import Config
+from .directory import Directory, load_directory
+from .dispatch import Dispatcher
+from .ingress import IngressHandler, start_smtp
+from .notify import Notifier
+from .outbound import Outbox
+from .pbx.driver import AmiPbx
+from .pbx.simulator import AmiSimulator
+from .spool import Spool
+from .store import Store
+
+log = logging.getLogger("mailgw.gateway")
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.directory: Directory = load_directory(config.directory)
+        self.store = Store(config.data_dir / "mailgw.sqlite3")
+        self.spool = Spool(config.data_dir / "spool")
+        self.simulator: AmiSimulator | None = None
+        self.pbx: AmiPbx | None = None
+        self.outbox = Outbox(config, self.directory, self.store, config.data_dir / "outbox")
+        self.dispatcher: Dispatcher | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def smtp_port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def ami_port(self) -> int:
+        return self.config.pbx.ami.port
+
+    async def start(self) -> None:
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        if self.config.pbx.simulator.enabled:
+            await self._start_simulator()
+        self.pbx = AmiPbx(self.config.pbx)
+        await self.pbx.start()
+        self.dispatcher = Dispatcher(self.config, self.store, self.pbx, Notifier(self.config, self.directory),
+                                     self.outbox)
+        self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
+        await self.dispatcher.resume()
+        handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)
+        self._server = await start_smtp(handler, self.config)
+        log.info("mailgw listening for SMTP on %s:%d for %s; PBX %s at %s:%d", self.config.smtp.listen.host,
+                 self.smtp_port, ", ".join(self.config.domains),
+                 "simulator" if self.simulator else "Asterisk", self.config.pbx.ami.host, self.ami_port)
+
+    async def _start_simulator(self) -> None:
+        ami = self.config.pbx.ami
+        sim = self.config.pbx.simulator
+        self.simulator = AmiSimulator(
+            phones=sim.phones, username=ami.username, secret=ami.secret, time_scale=sim.time_scale,
+            dial_context=self.config.pbx.dial_context, connect_context=self.config.pbx.connect_context)
+        port = await self.simulator.start(ami.host, ami.port)
+        if port != ami.port:  # port 0 in the config: tell the driver where the simulator listens
+            self.config = replace(self.config, pbx=replace(self.config.pbx, ami=replace(ami, port=port)))
+        log.info("built-in AMI simulator listening on %s:%d (phones from %s)", ami.host, port, sim.phones)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        self.outbox.stop()
+        _, pending = await asyncio.wait(self._tasks, timeout=10) if self._tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.pbx is not None:
+            await self.pbx.stop()
+        if self.simulator is not None:
+            await self.simulator.stop()
+        await self.store.close()
+        log.info("mailgw stopped")
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
+

@@ -1,0 +1,159 @@
+"""Notifications: what the sender is told, rendered from admin-editable jinja2 templates.
+
+A result mail is readable on a phone (short subject with the outcome and the request id, plain
+UTF-8 text) and machine-readable through three headers:
+
+* ``X-CTI-Request``: the request id (the one given in ``250 2.0.0 queued as <id>``),
+* ``X-CTI-Outcome``: answered, busy, no-answer, unreachable, congestion, invalid-number, rejected,
+  failed, expired or dry-run,
+* ``X-CTI-Status``: an RFC 3463 status code (2.0.0 on success, 4.x.x temporary, 5.x.x permanent).
+
+Templates live in ``templates/<kind>.<language>.txt``: the first line is ``Subject: ...``, then a
+blank line, then the body. They are rendered in jinja2's sandbox because they show text that came
+from a sender. A template an admin broke must not lose the notification: the built-in wording is
+used instead and the error is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from typing import Any
+
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+from .config import Config
+from .directory import Directory
+from .request import ExchangeRequest
+
+log = logging.getLogger("mailgw.notify")
+
+# Outcome -> RFC 3463 code. Telephone outcomes have no mail equivalent, so the closest class is
+# used: 4.x.x where trying again later may work, 5.x.x where it will not.
+OUTCOME_STATUS = {
+    "answered": "2.0.0",
+    "dry-run": "2.0.0",
+    "busy": "4.2.0",            # destination (mailbox) status: temporarily unavailable
+    "no-answer": "4.4.1",       # no answer from host
+    "unreachable": "4.4.4",     # unable to route
+    "congestion": "4.4.5",      # system congestion
+    "expired": "4.4.7",         # delivery time expired
+    "failed": "4.0.0",
+    "invalid-number": "5.1.1",  # bad destination address
+    "rejected": "5.7.1",        # delivery not authorised, refused
+}
+
+OUTCOME_JA = {
+    "answered": "接続", "dry-run": "確認のみ", "busy": "話し中", "no-answer": "応答なし",
+    "unreachable": "圏外・電源オフ", "congestion": "回線混雑", "expired": "期限切れ", "failed": "失敗",
+    "invalid-number": "番号が存在しません", "rejected": "着信拒否",
+}
+
+LANGUAGES = ("en", "ja")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What happened to one request, in the words the notification needs."""
+
+    request_id: str
+    outcome: str
+    detail: str
+    received_at: datetime
+    answered_at: datetime | None = None
+    dry_run_plan: str = ""
+
+    @property
+    def status(self) -> str:
+        return OUTCOME_STATUS.get(self.outcome, "4.0.0")
+
+
+class Notifier:
+    def __init__(self, config: Config, directory: Directory) -> None:
+        self.config = config
+        self.directory = directory
+        self.env = SandboxedEnvironment(
+            loader=FileSystemLoader(str(config.templates)), undefined=StrictUndefined,
+            autoescape=False, keep_trailing_newline=False, auto_reload=True,
+        )
+
+    def result_mail(self, request: ExchangeRequest, result: Result) -> EmailMessage:
+        """The result (or failure) mail for the sender of ``request``."""
+        language = request.language if request.language in LANGUAGES else "en"
+        context = self._context(request, result)
+        try:
+            subject, body = self._render(f"result.{language}.txt", context)
+        except (TemplateError, OSError, ValueError) as exc:
+            log.error("template result.%s.txt failed (%s); using the built-in wording", language, exc)
+            subject, body = _fallback(context)
+        message = EmailMessage()
+        message["From"] = Address("mailgw", addr_spec=self.config.sender_address)
+        message["To"] = request.sender
+        message["Subject"] = subject
+        message["Date"] = format_datetime(datetime.now().astimezone())
+        message["Message-ID"] = make_msgid(domain=self.config.domains[0])
+        if request.message_id:
+            message["In-Reply-To"] = request.message_id
+            message["References"] = request.message_id
+        message["Auto-Submitted"] = "auto-replied"  # RFC 3834: no auto-reply loops
+        message["X-CTI-Request"] = result.request_id
+        message["X-CTI-Outcome"] = result.outcome
+        message["X-CTI-Status"] = result.status
+        message.set_content(body, charset="utf-8", cte="8bit" if language == "ja" else None)
+        return message
+
+    def _render(self, name: str, context: dict[str, Any]) -> tuple[str, str]:
+        text = self.env.get_template(name).render(context)
+        head, _, body = text.lstrip("\n").partition("\n\n")
+        if not head.startswith("Subject:") or "\n" in head.strip():
+            raise ValueError(f"{name}: the first line must be 'Subject: ...' followed by a blank line")
+        return head[len("Subject:"):].strip(), body.strip("\n") + "\n"
+
+    def _context(self, request: ExchangeRequest, result: Result) -> dict[str, Any]:
+        return {
+            "request_id": result.request_id,
+            "outcome": result.outcome,
+            "outcome_ja": OUTCOME_JA.get(result.outcome, result.outcome),
+            "status": result.status,
+            "detail": result.detail,
+            "request": request,
+            "confidential": request.confidential,
+            "from_label": self._label(request.from_number, request.confidential),
+            "to_label": self._label(request.to_number, request.confidential),
+            "destination_name": self._name(request.to_number, request.confidential),
+            "received_at": _local(result.received_at),
+            "answered_at": _local(result.answered_at) if result.answered_at else "",
+            "dry_run_plan": result.dry_run_plan,
+            "domain": self.config.domains[0],
+        }
+
+    def _label(self, number: str | None, confidential: bool) -> str:
+        if number is None:
+            return "-"
+        if confidential:
+            return "(confidential)"
+        person = self.directory.by_extension(number)
+        return f"{person.name} ({number})" if person else number
+
+    def _name(self, number: str | None, confidential: bool) -> str:
+        if number is None or confidential:
+            return "(confidential)" if confidential else "-"
+        person = self.directory.by_extension(number)
+        return person.name if person else number
+
+
+def _local(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fallback(context: dict[str, Any]) -> tuple[str, str]:
+    subject = f"Request {context['request_id']}: {context['outcome']}"
+    body = (f"Request {context['request_id']} ended: {context['outcome']} (status {context['status']}).\n"
+            f"{context['detail']}\n")
+    return subject, body
+

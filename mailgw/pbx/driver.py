@@ -1,0 +1,844 @@
+"""The AMI driver: an asyncio AMI client (``AmiClient``) and the PBX port over it (``AmiPbx``).
+
+``AmiClient`` keeps one logged-in AMI session to an Asterisk (or the built-in simulator):
+
+* **Correlation by ActionID, never by order.** Every action gets a unique ActionID; a response
+  completes the waiter registered under that id. Responses and events interleave freely (an
+  action's response may follow events of other calls), so nothing assumes FIFO.
+* **List actions** (``EventList: start`` ... ``<Name>Complete``) are collected by ActionID too:
+  ``list_action`` returns the response plus the item events.
+* **Bounded waits.** Every action has a timeout; a missing answer raises ``PbxError``.
+* **Events** are dispatched by name. Two ways to listen:
+  ``add_listener(callback, *names)`` calls a plain function in the reader's loop iteration
+  (lossless, must be quick and must not block; this is how ``AmiPbx`` tracks calls), and
+  ``subscribe(*names, maxsize=...)`` returns an ``EventSubscription`` with a bounded queue that
+  drops its *oldest* event when full (counted in ``dropped``, logged once per 1000 drops), so a
+  slow consumer during an event flood costs bounded memory and never stalls the reader.
+  No names = every event. Unknown events are simply not delivered to anyone who did not ask.
+* **Reconnect.** When the connection drops (PBX restart, network), every action in flight fails
+  at once with ``PbxError``; new actions fail fast with ``PbxUnavailable`` (nothing was sent, so
+  retrying is safe) until the session is back. A background task
+  reconnects with exponential backoff (with jitter) and logs in again by itself. A keep-alive
+  Ping detects half-open connections.
+* **Writes** are whole messages in a single ``transport.write`` on the one event-loop thread, so
+  concurrent actions cannot interleave bytes; ``drain`` is only awaited (under a lock) when the
+  transport's buffer is over its high-water mark.
+* The secret is never logged, and ``Message.__repr__`` masks it.
+
+``AmiPbx`` implements ``port.PbxPort``. A two-point connection is placed the way Asterisk
+click-to-dial works (captures 02c/02d/02e): an async Originate of ``Local/<from>@<dial_context>``
+into ``<connect_context>``/``<to>``, with ``ChannelId: <call_id>`` and
+``OtherChannelId: <call_id>-2``, and ``Variable: MAILGW_RING_TIMEOUT=<s>`` for the second
+party's Dial. The outcome is decided by ``decide`` (a pure function) from:
+
+* the first party: ``OriginateResponse`` (Reason 4 answered, 5 busy, 3 no answer, 8 congestion,
+  0/1 failed), refined by the Hangup cause of the ``;2`` leg (Uniqueid ``<call_id>-2``);
+* the second party: the ``DialEnd`` whose ``Uniqueid`` is ``<call_id>`` (the first party's ``;1``
+  runs Dial), refined by the Hangup cause of the dialled ``;2`` channel.
+
+As a real PBX sends the hang-up cause just before or just after the result, a failure waits a
+short grace (``cause_grace``) for it. Events may arrive in any order; the state machine does not
+care. Many connects run concurrently on one session; events are routed to their call by
+ActionID, Uniqueid and channel name through dictionaries (no scanning).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import random
+import re
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from . import ami
+from .ami import Field, Message, Parser
+from .port import CallOutcome, ConnectResult, Party, PbxError, PbxUnavailable
+
+if TYPE_CHECKING:
+    from mailgw.config import PbxConfig
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[Message], None]
+
+
+class AmiLoginError(PbxError):
+    """The PBX refused our credentials (a configuration problem, not a network one)."""
+
+
+@dataclass(frozen=True)
+class ListReply:
+    """A list action's outcome: the response, the item events, and the ``...Complete`` event."""
+
+    response: Message
+    events: list[Message]
+    complete: Message | None
+
+
+def _expire(future: asyncio.Future[ListReply], name: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(PbxError(f"AMI {name}: no response within {timeout:g} s"))
+
+
+class _Pending:
+    __slots__ = ("future", "response", "events")
+
+    def __init__(self, future: asyncio.Future[ListReply]) -> None:
+        self.future = future
+        self.response: Message | None = None  # set once a list response said "EventList: start"
+        self.events: list[Message] = []
+
+
+class EventSubscription:
+    """A bounded queue of events. When full, the oldest event is dropped (see ``dropped``)."""
+
+    def __init__(self, client: AmiClient, names: tuple[str, ...], maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self._client = client
+        self._names = names
+        self._queue: deque[Message] = deque()
+        self._maxsize = maxsize
+        self._waiter: asyncio.Future[None] | None = None
+        self.dropped = 0
+        self._remove = client.add_listener(self._put, *names)
+
+    def _put(self, msg: Message) -> None:
+        if len(self._queue) >= self._maxsize:
+            self._queue.popleft()
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning("AMI event subscription %s is full (%d); dropped %d oldest event(s) so far",
+                            self._names or "(all)", self._maxsize, self.dropped)
+        self._queue.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def get_nowait(self) -> Message | None:
+        return self._queue.popleft() if self._queue else None
+
+    async def get(self, timeout: float | None = None) -> Message:
+        """The next event; PbxError after ``timeout`` seconds without one."""
+        while not self._queue:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                raise PbxError(f"no AMI event {self._names or ''} within {timeout:g} s") from None
+            finally:
+                self._waiter = None
+        return self._queue.popleft()
+
+    async def wait_for(self, predicate: Callable[[Message], bool], timeout: float) -> Message:
+        """The first event that satisfies ``predicate`` (others are consumed), bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            msg = await self.get(max(0.0, deadline - loop.time()))
+            if predicate(msg):
+                return msg
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __aiter__(self) -> EventSubscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self.get()
+
+    def close(self) -> None:
+        self._remove()
+
+    def __enter__(self) -> EventSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AmiClient:
+    """One AMI session with automatic login and reconnect. See the module docstring."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        secret: str,
+        *,
+        auth: str = "plain",  # or "md5" (Challenge/Key; the secret never crosses the wire)
+        events: bool = True,
+        connect_timeout: float = 5.0,
+        action_timeout: float = 10.0,
+        keepalive_interval: float | None = 20.0,
+        reconnect_min: float = 0.1,
+        reconnect_max: float = 10.0,
+    ) -> None:
+        if auth not in ("plain", "md5"):
+            raise ValueError("auth must be 'plain' or 'md5'")
+        self.host = host
+        self.port = port
+        self.username = username
+        self._secret = secret
+        self.auth = auth
+        self.events = events
+        self.connect_timeout = connect_timeout
+        self.action_timeout = action_timeout
+        self.keepalive_interval = keepalive_interval
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.banner: str | None = None
+        self.sessions = 0  # successful logins so far (reconnects included)
+        self._prefix = f"mgw-{secrets.token_hex(3)}-"
+        self._ids = itertools.count(1)
+        self._pending: dict[str, _Pending] = {}
+        self._collecting = 0  # pendings in list mode; lets the hot path skip ActionID lookups
+        self._listeners: dict[str | None, list[EventCallback]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._drain_lock = asyncio.Lock()
+        self._logged_in = asyncio.Event()
+        self._lost: asyncio.Future[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"AmiClient({self.host}:{self.port}, user={self.username!r})"
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self, *, wait: bool = True, timeout: float | None = None) -> None:
+        """Start the session task. With ``wait``, return once logged in, or raise PbxError
+        (AmiLoginError for refused credentials) and stop again."""
+        if self._runner is not None:
+            raise RuntimeError("AmiClient already started")
+        self._closing = False
+        self._first = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.create_task(self._run(), name=f"ami-{self.host}:{self.port}")
+        if not wait:
+            return
+        try:
+            async with asyncio.timeout(timeout if timeout is not None else self.connect_timeout * 2):
+                await asyncio.shield(self._first)
+        except TimeoutError:
+            await self.close()
+            raise PbxError(f"could not log in to AMI at {self.host}:{self.port} in time") from None
+        except PbxError:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Log off (briefly), stop reconnecting, fail whatever is still pending."""
+        if self._closing and self._runner is None:
+            return
+        if self._logged_in.is_set():
+            try:
+                await self.action("Logoff", timeout=1.0)
+            except PbxError:
+                pass
+        self._closing = True
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        self._end_session(PbxError("AMI client closed"))
+
+    @property
+    def started(self) -> bool:
+        """The session task runs (connected or reconnecting)."""
+        return self._runner is not None
+
+    @property
+    def connected(self) -> bool:
+        """Logged in right now."""
+        return self._logged_in.is_set()
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until logged in (after a start or a reconnect); PbxError after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._logged_in.wait()
+        except TimeoutError:
+            raise PbxError(f"not connected to AMI at {self.host}:{self.port} after {timeout:g} s") from None
+
+    def session_lost(self) -> asyncio.Future[None]:
+        """A future that completes when the current session ends. PbxError if there is none."""
+        if self._lost is None or self._lost.done() or not self._logged_in.is_set():
+            raise PbxUnavailable(f"not connected to AMI at {self.host}:{self.port}")
+        return self._lost
+
+    # --- actions ---------------------------------------------------------------------------------------
+
+    def next_action_id(self) -> str:
+        return f"{self._prefix}{next(self._ids)}"
+
+    async def action(self, name: str, fields: Iterable[Field] | Mapping[str, str] = (), /, *,
+                     timeout: float | None = None, **headers: object) -> Message:
+        """Send an action and return its response (``Response: Error`` is returned, not raised).
+
+        ``fields`` may repeat keys (``[("Variable", "A=1"), ("Variable", "B=2")]``); keyword
+        headers follow them. An ``ActionID`` header is used as given, else one is generated.
+        Raises PbxUnavailable when not logged in (nothing was sent), PbxError on timeout or
+        when the connection drops before the response.
+        """
+        if not self._logged_in.is_set():
+            raise PbxUnavailable(f"not connected to AMI at {self.host}:{self.port}")
+        reply = await self._send_and_wait(name, fields, headers, timeout)
+        return reply.response
+
+    async def list_action(self, name: str, fields: Iterable[Field] | Mapping[str, str] = (), /, *,
+                          timeout: float | None = None, **headers: object) -> ListReply:
+        """A list action: the response plus every item event up to ``<Name>Complete``."""
+        if not self._logged_in.is_set():
+            raise PbxUnavailable(f"not connected to AMI at {self.host}:{self.port}")
+        return await self._send_and_wait(name, fields, headers, timeout)
+
+    async def _send_and_wait(self, name: str, fields: Iterable[Field] | Mapping[str, str],
+                             headers: Mapping[str, object], timeout: float | None) -> ListReply:
+        msg = ami.action(name, fields, **headers)
+        pairs = msg._fields
+        action_id = next((v for k, v in pairs if k.lower() == "actionid"), None)
+        if action_id is None:
+            action_id = f"{self._prefix}{next(self._ids)}"
+            pairs.insert(1, ("ActionID", action_id))
+        if action_id in self._pending:
+            raise ValueError(f"ActionID {action_id!r} is already in use")
+        data = msg.encode()  # ValueError on CR/LF injection, before anything is sent
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ListReply] = loop.create_future()
+        self._pending[action_id] = pending = _Pending(future)
+        if timeout is None:
+            timeout = self.action_timeout
+        # A plain timer that fails the future is cheaper than asyncio.timeout() per action.
+        timer = loop.call_later(timeout, _expire, future, name, timeout)
+        try:
+            await self._write(data)
+            return await future
+        finally:
+            timer.cancel()
+            if self._pending.pop(action_id, None) is not None and pending.response is not None:
+                self._collecting -= 1
+
+    async def _write(self, data: bytes) -> None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise PbxUnavailable(f"not connected to AMI at {self.host}:{self.port}")
+        writer.write(data)
+        transport = writer.transport
+        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+            async with self._drain_lock:
+                try:
+                    await writer.drain()
+                except ConnectionError as exc:
+                    raise PbxError(f"AMI connection lost: {exc}") from exc
+
+    # --- events ----------------------------------------------------------------------------------------
+
+    def add_listener(self, callback: EventCallback, *names: str) -> Callable[[], None]:
+        """Call ``callback(event)`` for each event named in ``names`` (any case; none = all).
+
+        Runs inside the reader, so it must be quick and must not block. Returns a function that
+        removes the listener.
+        """
+        keys: list[str | None] = [n.lower() for n in names] or [None]
+        for key in keys:
+            self._listeners.setdefault(key, []).append(callback)
+
+        def remove() -> None:
+            for key in keys:
+                callbacks = self._listeners.get(key)
+                if callbacks and callback in callbacks:
+                    callbacks.remove(callback)
+                    if not callbacks:
+                        del self._listeners[key]
+
+        return remove
+
+    def subscribe(self, *names: str, maxsize: int = 1000) -> EventSubscription:
+        """A bounded queue of the named events (none = all); drop-oldest when full."""
+        return EventSubscription(self, names, maxsize)
+
+    # --- the session -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.reconnect_min
+        while not self._closing:
+            logged_in = False
+            try:
+                logged_in = await self._session()
+                error: PbxError = PbxError("AMI connection closed by the PBX")
+            except asyncio.CancelledError:
+                raise
+            except AmiLoginError as exc:
+                error = exc
+                log.error("AMI login to %s:%s as %r refused", self.host, self.port, self.username)
+            except PbxError as exc:
+                error = exc
+                log.warning("AMI session with %s:%s failed: %s", self.host, self.port, exc)
+            except (OSError, EOFError) as exc:
+                error = PbxError(f"AMI connection to {self.host}:{self.port} failed: {exc}")
+                log.warning("%s", error)
+            self._end_session(error)
+            if self._first is not None and not self._first.done():
+                self._first.set_exception(error)
+                self._first.exception()  # retrieved here so an unawaited start() does not warn
+            if logged_in:
+                delay = self.reconnect_min
+            if self._closing:
+                break
+            pause = delay * (0.5 + random.random() / 2)  # jitter: clients do not return in lockstep
+            log.info("AMI: reconnecting to %s:%s in %.2f s", self.host, self.port, pause)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, self.reconnect_max)
+
+    async def _session(self) -> bool:
+        """Connect, log in, then read until the connection ends. True if the login succeeded."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+        except TimeoutError:
+            raise PbxError(f"AMI connect to {self.host}:{self.port} timed out") from None
+        self._writer = writer
+        self._lost = asyncio.get_running_loop().create_future()
+        parser = Parser(expect_banner=True)
+        reading = asyncio.create_task(self._read(reader, parser))
+        keepalive: asyncio.Task[None] | None = None
+        try:
+            login = asyncio.create_task(self._login())
+            await asyncio.wait((login, reading), return_when=asyncio.FIRST_COMPLETED)
+            if not login.done():  # the connection ended during the login
+                login.cancel()
+                await asyncio.gather(login, return_exceptions=True)
+                raise PbxError("AMI connection closed during login")
+            login.result()
+            self.banner = parser.banner
+            self.sessions += 1
+            self._logged_in.set()
+            if self._first is not None and not self._first.done():
+                self._first.set_result(None)
+            log.info("AMI: logged in to %s:%s as %r (%s)", self.host, self.port, self.username,
+                     parser.banner or "no banner")
+            if self.keepalive_interval:
+                keepalive = asyncio.create_task(self._keepalive(writer))
+            await reading
+            return True
+        finally:
+            for task in (reading, keepalive):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (reading, keepalive) if t is not None), return_exceptions=True)
+            writer.close()
+
+    async def _login(self) -> None:
+        events = "on" if self.events else "off"
+        if self.auth == "md5":
+            challenge = await self._send_and_wait("Challenge", (), {"AuthType": "MD5"}, self.connect_timeout)
+            token = challenge.response.get("Challenge")
+            if not challenge.response.ok or not token:
+                raise AmiLoginError(f"AMI Challenge refused: {challenge.response.message}")
+            key = hashlib.md5((token + self._secret).encode()).hexdigest()
+            headers = {"AuthType": "MD5", "Username": self.username, "Key": key, "Events": events}
+        else:
+            headers = {"Username": self.username, "Secret": self._secret, "Events": events}
+        # Asterisk answers a wrong secret only after ~1 s, so allow for that on top of the timeout.
+        reply = await self._send_and_wait("Login", (), headers, self.connect_timeout + 2.0)
+        if not reply.response.ok:
+            raise AmiLoginError(f"AMI login refused: {reply.response.message}")
+
+    async def _read(self, reader: asyncio.StreamReader, parser: Parser) -> None:
+        dispatch = self._dispatch
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                for msg in parser.feed(data):
+                    dispatch(msg)
+        except (ConnectionError, OSError) as exc:
+            log.warning("AMI read from %s:%s failed: %s", self.host, self.port, exc)
+
+    async def _keepalive(self, writer: asyncio.StreamWriter) -> None:
+        assert self.keepalive_interval
+        while True:
+            await asyncio.sleep(self.keepalive_interval)
+            try:
+                await self._send_and_wait("Ping", (), {}, self.action_timeout)
+            except PbxError:
+                log.warning("AMI: %s:%s did not answer a keep-alive Ping; reconnecting", self.host, self.port)
+                writer.close()
+                return
+
+    def _end_session(self, error: PbxError) -> None:
+        """The connection is gone: fail every waiter now rather than let it time out."""
+        self._logged_in.clear()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        lost, self._lost = self._lost, None
+        if lost is not None and not lost.done():
+            lost.set_result(None)
+        pending, self._pending = self._pending, {}
+        self._collecting = 0
+        for item in pending.values():
+            if not item.future.done():
+                item.future.set_exception(error)
+                item.future.exception()  # mark retrieved: the waiter may have timed out already
+
+    # --- dispatch (hot path) -----------------------------------------------------------------------------
+
+    def _dispatch(self, msg: Message) -> None:
+        event = msg.event
+        if event is None:
+            self._on_response(msg)
+            return
+        if self._collecting:
+            action_id = msg.get("ActionID")
+            if action_id is not None:
+                pending = self._pending.get(action_id)
+                if pending is not None and pending.response is not None:
+                    self._on_list_event(pending, event, msg)
+                    return
+        listeners = self._listeners
+        callbacks = listeners.get(event.lower())
+        if callbacks:
+            self._call(callbacks, msg)
+        callbacks = listeners.get(None)
+        if callbacks:
+            self._call(callbacks, msg)
+
+    @staticmethod
+    def _call(callbacks: list[EventCallback], msg: Message) -> None:
+        for callback in tuple(callbacks):
+            try:
+                callback(msg)
+            except Exception:  # one faulty listener must not break the session
+                log.exception("AMI event listener %r failed on %s", callback, msg.event)
+
+    def _on_response(self, msg: Message) -> None:
+        action_id = msg.get("ActionID")
+        pending = self._pending.get(action_id) if action_id is not None else None
+        if pending is None or pending.future.done():
+            log.debug("AMI response without a waiter (ActionID %r)", action_id)
+            return
+        if (msg.get("EventList") or "").lower() == "start":
+            pending.response = msg
+            self._collecting += 1
+            return
+        pending.future.set_result(ListReply(msg, [], None))
+
+    def _on_list_event(self, pending: _Pending, event: str, msg: Message) -> None:
+        if (msg.get("EventList") or "").lower() == "complete" or event.endswith("Complete"):
+            if not pending.future.done():
+                assert pending.response is not None
+                pending.future.set_result(ListReply(pending.response, pending.events, msg))
+        else:
+            pending.events.append(msg)
+
+
+# --- the PBX port ----------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"\+?[0-9]{1,20}")
+_CALL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+REASON_OUTCOME = {5: CallOutcome.BUSY, 3: CallOutcome.NO_ANSWER, 8: CallOutcome.CONGESTION}
+DIAL_STATUS_OUTCOME = {
+    "BUSY": CallOutcome.BUSY,
+    "NOANSWER": CallOutcome.NO_ANSWER,
+    "CANCEL": CallOutcome.NO_ANSWER,  # the first party gave up before the second answered
+    "CONGESTION": CallOutcome.CONGESTION,
+    "CHANUNAVAIL": CallOutcome.UNREACHABLE,
+    "DONTCALL": CallOutcome.REJECTED,
+    "TORTURE": CallOutcome.REJECTED,
+}
+CAUSE_OUTCOME = {
+    17: CallOutcome.BUSY,
+    18: CallOutcome.NO_ANSWER,
+    19: CallOutcome.NO_ANSWER,
+    20: CallOutcome.UNREACHABLE,
+    27: CallOutcome.UNREACHABLE,
+    38: CallOutcome.UNREACHABLE,
+    1: CallOutcome.INVALID,
+    3: CallOutcome.INVALID,
+    28: CallOutcome.INVALID,
+    21: CallOutcome.REJECTED,
+    34: CallOutcome.CONGESTION,
+    42: CallOutcome.CONGESTION,
+}
+
+
+def check_number(number: str) -> str:
+    """Only ``+`` and digits may reach a dial string (defence against dial-string injection)."""
+    if not isinstance(number, str) or not _NUMBER.fullmatch(number):
+        raise ValueError(f"not a dialable number: {number!r}")
+    return number
+
+
+def check_call_id(call_id: str) -> str:
+    if not isinstance(call_id, str) or not _CALL_ID.fullmatch(call_id):
+        raise ValueError(f"call id must be 1-64 of [A-Za-z0-9._-]: {call_id!r}")
+    return call_id
+
+
+def refine(base: CallOutcome, cause: int | None) -> CallOutcome:
+    """A Q.850 hang-up cause says more than Asterisk's summary, when it says anything."""
+    return CAUSE_OUTCOME.get(cause, base) if cause else base
+
+
+@dataclass
+class ConnectState:
+    """What has been seen of one two-point connection so far (filled by ``apply``)."""
+
+    call_id: str
+    started_at: datetime
+    from_answered_at: datetime | None = None
+    to_answered_at: datetime | None = None
+    originate_ok: bool | None = None  # OriginateResponse Success / Failure
+    originate_reason: int | None = None
+    from_cause: int | None = None  # Hangup cause of the first party's ;2 leg, once it hung up
+    from_gone: bool = False  # the first party's ;1 channel hung up
+    to_channel: str | None = None  # the dialled ;1 channel of the second party
+    to_dial_status: str | None = None
+    to_cause: int | None = None  # Hangup cause of the second party's ;2 leg, once it hung up
+
+    @property
+    def to_twin(self) -> str | None:
+        """The ``;2`` half of the second party's Local channel: its hang-up carries the cause."""
+        if self.to_channel and self.to_channel.endswith(";1"):
+            return self.to_channel[:-1] + "2"
+        return None
+
+
+def apply(state: ConnectState, msg: Message, now: datetime) -> None:
+    """Update ``state`` with one event that was routed to this call."""
+    event = msg.event
+    call_id = state.call_id
+    if event == "OriginateResponse":
+        if (msg.get("Response") or "").lower() == "success":
+            state.originate_ok = True
+            state.from_answered_at = state.from_answered_at or now
+        else:
+            state.originate_ok = False
+            reason = msg.get("Reason") or ""
+            state.originate_reason = int(reason) if reason.isdigit() else 0
+    elif event == "DialBegin":
+        if msg.get("Uniqueid") == call_id:
+            state.to_channel = msg.get("DestChannel")
+    elif event == "DialEnd":
+        status = (msg.get("DialStatus") or "").upper()
+        if msg.get("Uniqueid") == call_id:  # our ;1 dialled the second party
+            state.to_channel = state.to_channel or msg.get("DestChannel")
+            state.to_dial_status = status
+            if status == "ANSWER":
+                state.to_answered_at = now
+                state.from_answered_at = state.from_answered_at or now
+        elif msg.get("DestUniqueid") == call_id and status == "ANSWER":
+            state.from_answered_at = state.from_answered_at or now  # earliest sign of the answer
+    elif event == "Hangup":
+        cause_text = msg.get("Cause") or ""
+        cause = int(cause_text) if cause_text.isdigit() else 0
+        uniqueid = msg.get("Uniqueid")
+        if uniqueid == f"{call_id}-2":
+            state.from_cause = cause
+        elif uniqueid == call_id:
+            state.from_gone = True
+        elif msg.get("Channel") == state.to_twin:
+            state.to_cause = cause
+
+
+def decide(state: ConnectState, *, grace_over: bool) -> tuple[CallOutcome, Party | None, int | None] | None:
+    """The connection's outcome once it is known, else None (keep waiting).
+
+    A failure is final only with the failed leg's hang-up cause, or once ``grace_over``.
+    """
+    if state.to_dial_status == "ANSWER":
+        return CallOutcome.ANSWERED, None, None
+    if state.originate_ok is False:
+        if state.from_cause is None and not grace_over:
+            return None
+        base = REASON_OUTCOME.get(state.originate_reason or 0, CallOutcome.FAILED)
+        return refine(base, state.from_cause), Party.FROM, state.from_cause or None
+    if state.to_dial_status is not None:
+        if state.to_cause is None and not grace_over:
+            return None
+        base = DIAL_STATUS_OUTCOME.get(state.to_dial_status, CallOutcome.FAILED)
+        return refine(base, state.to_cause), Party.TO, state.to_cause or None
+    if state.from_gone and state.originate_ok and state.to_channel is None:
+        # The first party answered and hung up before the second was even dialled.
+        return (CallOutcome.FAILED, Party.FROM, None) if grace_over else None
+    return None
+
+
+class _Tracker:
+    """Routes events into a ConnectState and wakes the waiting ``connect``."""
+
+    __slots__ = ("state", "_waiter")
+
+    def __init__(self, state: ConnectState) -> None:
+        self.state = state
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, msg: Message) -> None:
+        apply(self.state, msg, datetime.now(timezone.utc))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def waiter(self) -> asyncio.Future[None]:
+        self._waiter = asyncio.get_running_loop().create_future()
+        return self._waiter
+
+
+class AmiPbx:
+    """``PbxPort`` over AMI; works against a real Asterisk 22 and the built-in simulator alike.
+
+    ``AmiPbx(config.pbx)`` then ``await pbx.start()``. ``start`` waits briefly for the first
+    login: refused credentials raise ``AmiLoginError``; an unreachable PBX is logged and retried
+    in the background (``connect`` raises ``PbxError`` until it is back).
+    """
+
+    ROUTED_EVENTS = ("OriginateResponse", "DialBegin", "DialEnd", "Hangup")
+
+    def __init__(self, config: PbxConfig, *, cause_grace: float = 1.0, connect_margin: float = 10.0,
+                 client: AmiClient | None = None) -> None:
+        self.config = config
+        self.cause_grace = cause_grace
+        self.connect_margin = connect_margin
+        self.client = client or AmiClient(config.ami.host, config.ami.port, config.ami.username,
+                                          config.ami.secret)
+        self._slots = asyncio.Semaphore(max(1, config.max_concurrent_calls))
+        self._by_action: dict[str, _Tracker] = {}
+        self._by_uniqueid: dict[str, _Tracker] = {}
+        self._by_channel: dict[str, _Tracker] = {}
+        self._remove_listener: Callable[[], None] | None = None
+
+    async def start(self) -> None:
+        if self._remove_listener is None:
+            self._remove_listener = self.client.add_listener(self._route, *self.ROUTED_EVENTS)
+        if self.client.started:  # a client handed in already running
+            return
+        try:
+            await self.client.start(wait=True)
+        except AmiLoginError:
+            raise
+        except PbxError as exc:
+            log.warning("PBX not reachable yet (%s); will keep trying in the background", exc)
+            await self.client.start(wait=False)
+
+    async def stop(self) -> None:
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
+        await self.client.close()
+
+    async def find_call(self, call_id: str) -> bool:
+        check_call_id(call_id)
+        reply = await self.client.list_action("CoreShowChannels")
+        if not reply.response.ok:
+            raise PbxError(f"CoreShowChannels refused: {reply.response.message}")
+        return any(ev.get("Uniqueid") == call_id or ev.get("Linkedid") == call_id for ev in reply.events)
+
+    async def connect(self, call_id: str, from_number: str, to_number: str, *,
+                      ring_timeout: float, caller_id: str) -> ConnectResult:
+        check_call_id(call_id)
+        check_number(from_number)
+        check_number(to_number)
+        if not ring_timeout > 0:
+            raise ValueError("ring_timeout must be positive")
+        async with self._slots:
+            return await self._connect(call_id, from_number, to_number, ring_timeout, caller_id)
+
+    async def _connect(self, call_id: str, from_number: str, to_number: str, ring_timeout: float,
+                       caller_id: str) -> ConnectResult:
+        cfg = self.config
+        if call_id in self._by_uniqueid:
+            raise ValueError(f"call {call_id!r} is already in progress")
+        tracker = _Tracker(ConnectState(call_id, datetime.now(timezone.utc)))
+        action_id = self.client.next_action_id()
+        lost = self.client.session_lost()
+        # Registered before sending: the OriginateResponse may share a TCP read with the response.
+        self._by_action[action_id] = tracker
+        self._by_uniqueid[call_id] = self._by_uniqueid[f"{call_id}-2"] = tracker
+        try:
+            reply = await self.client.action("Originate", [
+                ("ActionID", action_id),
+                ("Channel", f"Local/{from_number}@{cfg.dial_context}"),
+                ("Context", cfg.connect_context),
+                ("Exten", to_number),
+                ("Priority", "1"),
+                ("Timeout", str(int(ring_timeout * 1000))),
+                ("CallerID", caller_id),
+                ("Async", "true"),
+                ("ChannelId", call_id),
+                ("OtherChannelId", f"{call_id}-2"),
+                ("Variable", f"MAILGW_RING_TIMEOUT={max(1, round(ring_timeout))}"),
+            ])
+            if not reply.ok:
+                raise PbxError(f"Originate refused: {reply.message}")
+            outcome, party, cause = await self._outcome(tracker, lost, 2 * ring_timeout + self.connect_margin)
+        finally:
+            self._by_action.pop(action_id, None)
+            for key in (call_id, f"{call_id}-2"):
+                self._by_uniqueid.pop(key, None)
+            twin = tracker.state.to_twin
+            if twin is not None:
+                self._by_channel.pop(twin, None)
+        state = tracker.state
+        result = ConnectResult(
+            call_id=call_id, outcome=outcome, failed_party=party, cause=cause, started_at=state.started_at,
+            from_answered_at=state.from_answered_at, to_answered_at=state.to_answered_at,
+            ended_at=datetime.now(timezone.utc))
+        log.info("call %s: %s -> %s: %s%s", call_id, from_number, to_number, outcome.value,
+                 f" ({party.value} party, cause {cause})" if party else "")
+        return result
+
+    async def _outcome(self, tracker: _Tracker, lost: asyncio.Future[None],
+                       bound: float) -> tuple[CallOutcome, Party | None, int | None]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound
+        grace_until: float | None = None
+        while True:
+            state = tracker.state
+            grace_over = grace_until is not None and loop.time() >= grace_until
+            verdict = decide(state, grace_over=grace_over)
+            if verdict is not None:
+                return verdict
+            if grace_until is None and decide(state, grace_over=True) is not None:
+                grace_until = loop.time() + self.cause_grace
+            if lost.done():
+                raise PbxError(f"AMI connection lost during call {state.call_id}; its outcome is "
+                               "unknown (find_call tells whether it is still up)")
+            now = loop.time()
+            if now >= deadline:
+                raise PbxError(f"call {state.call_id}: no outcome within {bound:g} s")
+            wake = deadline if grace_until is None else min(deadline, grace_until)
+            await asyncio.wait((tracker.waiter(), lost), timeout=max(0.0, wake - now),
+                               return_when=asyncio.FIRST_COMPLETED)
+
+    def _route(self, msg: Message) -> None:
+        """Hand an event to the call it belongs to, if any (dictionary lookups only)."""
+        event = msg.event
+        tracker: _Tracker | None = None
+        if event == "OriginateResponse":
+            action_id = msg.get("ActionID")
+            tracker = self._by_action.get(action_id) if action_id else None
+        elif event == "Hangup":
+            tracker = self._by_uniqueid.get(msg.get("Uniqueid") or "") or \
+                self._by_channel.get(msg.get("Channel") or "")
+        else:  # DialBegin / DialEnd: the dialling channel, else the dialled one
+            tracker = self._by_uniqueid.get(msg.get("Uniqueid") or "") or \
+                self._by_uniqueid.get(msg.get("DestUniqueid") or "")
+        if tracker is not None:
+            tracker.feed(msg)
+            twin = tracker.state.to_twin
+            if twin is not None and twin not in self._by_channel:
+                self._by_channel[twin] = tracker

@@ -1,0 +1,75 @@
+"""The PBX port: what the gateway asks of a PBX, in plain typed data.
+
+The rest of mailgw depends only on this module; ``driver.AmiPbx`` implements it over AMI, against
+a real Asterisk or the built-in simulator alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+class CallOutcome(StrEnum):
+    ANSWERED = "answered"        # both parties answered and are bridged
+    BUSY = "busy"
+    NO_ANSWER = "no-answer"
+    UNREACHABLE = "unreachable"  # phone not registered / switched off / out of order
+    CONGESTION = "congestion"
+    INVALID = "invalid-number"   # unallocated number / no such extension (permanent)
+    REJECTED = "rejected"        # call rejected (permanent)
+    FAILED = "failed"            # anything else
+
+
+class Party(StrEnum):
+    FROM = "from"  # the party called first (the requester's phone)
+    TO = "to"      # the destination, dialled once the first party answered
+
+
+@dataclass(frozen=True)
+class ConnectResult:
+    """How a two-point connection ended.
+
+    ``outcome`` is ANSWERED when both parties answered; otherwise it is the outcome of
+    ``failed_party`` (the first leg that did not answer). ``cause`` is the Q.850 hang-up cause
+    of that leg when the PBX gave one.
+    """
+
+    call_id: str
+    outcome: CallOutcome
+    failed_party: Party | None
+    cause: int | None
+    started_at: datetime
+    from_answered_at: datetime | None
+    to_answered_at: datetime | None
+    ended_at: datetime  # when the result was known (bridge or failure), not the hang-up
+
+
+class PbxError(Exception):
+    """The PBX could not be asked (down, login refused, timed out). Temporary by nature."""
+
+
+class PbxPort(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def connect(self, call_id: str, from_number: str, to_number: str, *,
+                      ring_timeout: float, caller_id: str) -> ConnectResult:
+        """Ring ``from_number``; when it answers, ring ``to_number`` and bridge them.
+
+        ``call_id`` is unique per attempt and becomes the Uniqueid (ChannelId) of the first leg,
+        so a restarted gateway can find a call it had placed. Returns when both answered or one
+        failed; raises PbxError when the PBX could not be asked at all.
+        """
+        ...
+
+    async def find_call(self, call_id: str) -> bool:
+        """Whether a call placed with ``call_id`` is still up on the PBX (restart recovery)."""
+        ...
+
+
+class PbxUnavailable(PbxError):
+    """Nothing reached the PBX (not connected, not logged in): safe to try the same call again."""

@@ -1,0 +1,58 @@
+"""Durable files: the spool of accepted messages and the one way mailgw writes a file it promised
+to keep (spooled mail, outgoing mail, Maildir deliveries).
+
+A file is written under a temporary name, fsynced, renamed into place and its folder fsynced:
+after ``write_durably`` returns, a power cut cannot lose it or leave half of it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def new_id() -> str:
+    """A request/queue id: sortable by time, unique, short enough to read out or type in a reply."""
+    return f"{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
+
+
+def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> Path:
+    """Write ``data`` to ``path`` so that it survives a crash once this returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = (tmp_dir or path.parent) / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Accepted raw messages, one file per message, under ``<data>/spool``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, message_id: str) -> Path:
+        return self.root / f"{message_id}.eml"
+
+    def store(self, message_id: str, raw: bytes) -> Path:
+        return write_durably(self.path_for(message_id), raw)

@@ -1,0 +1,51 @@
+"""The store and the spool keep what they were given, across a close and reopen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailgw import mailbox
+from mailgw.spool import Spool, write_durably
+from mailgw.store import MessageState, NewMessage, OutboxEntry, Store, utcnow
+
+
+async def test_messages_calls_and_notifications_survive_reopening(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    path = spool.store("q1", b"Subject: hi\r\n\r\nbody\r\n")
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    await store.add_messages([NewMessage("q1", "a@x.example", "b@a.example", path, 22, "request",
+                                         "a@x.example", {"action": "connect"})])
+    await store.add_call("q1-1", "q1", "2000", "2001")
+    await store.close()
+
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        [row] = await store.unfinished_messages()
+        assert (row.id, row.state, row.request, row.spool_path.read_bytes()) == (
+            "q1", MessageState.QUEUED, {"action": "connect"}, b"Subject: hi\r\n\r\nbody\r\n")
+        [call] = await store.calls_for("q1")
+        assert call.outcome is None  # placed, no outcome: what a restart treats as "cut off mid-call"
+
+        notice = OutboxEntry("o1", "q1", "mailgw@a.example", "a@x.example", write_durably(tmp_path / "o1.eml", b"x"))
+        await store.finish_request("q1", MessageState.DONE, outcome="answered", status="2.0.0", detail="ok",
+                                   notification=notice)
+        assert await store.unfinished_messages() == []
+        [queued] = await store.due_outbox(utcnow())
+        assert (queued.id, queued.rcpt_to, queued.request_id) == ("o1", "a@x.example", "q1")
+        assert [s for _, s, _ in await store.stages("q1")] == ["received", "outcome", "mail-queued"]
+        assert await store.count_requests_since("a@x.example", row.received_at) == 1
+    finally:
+        await store.close()
+
+
+def test_maildir_delivery_and_reading_marks_seen(tmp_path: Path) -> None:
+    delivered = mailbox.deliver(tmp_path, "bob@a.example", b"Subject: hello\r\n\r\nhi\r\n")
+    assert delivered.parent.name == "new"
+    [mail] = mailbox.list_mail(tmp_path, "bob@a.example")
+    assert not mail.seen and mail.message()["Subject"] == "hello"
+    seen = mailbox.mark_seen(mail)
+    assert seen.path.parent.name == "cur" and seen.path.name.endswith(":2,S")
+    assert [m.seen for m in mailbox.list_mail(tmp_path, "bob@a.example")] == [True]
+    assert not list((tmp_path / "bob@a.example" / "tmp").iterdir())
