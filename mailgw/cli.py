@@ -90,6 +90,8 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP command at INFO
     config = load_config(args.config, data_dir=args.data)
     from .gateway import serve  # the gateway pulls in the whole stack; other commands stay light
 
@@ -162,6 +164,8 @@ def _send(args: argparse.Namespace) -> int:
             if code not in (250, 251):
                 return _refused(code, reply)
             code, reply = smtp.data(message.as_bytes(policy=email.policy.SMTP))
+            if code != 250:
+                return _refused(code, reply)
     except smtplib.SMTPResponseException as exc:  # DATA refused
         return _refused(exc.smtp_code, exc.smtp_error)
     except (OSError, smtplib.SMTPException) as exc:

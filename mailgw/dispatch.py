@@ -120,7 +120,7 @@ class Dispatcher:
                       + "; it was not dialled again so that nobody is called twice")
             await self.store.finish_call(interrupted.id, outcome="failed", failed_party=None, cause=None,
                                          from_answered_at=None, to_answered_at=None, ended_at=now)
-            await self._finish(row, request, Result(row.id, "failed", detail, row.received_at))
+            await self._finish(row, request, Result(row.id, "failed", detail, row.received_at, reason="interrupted"))
             return
 
         call_id = f"{row.id}-{len(calls) + 1}"
@@ -140,7 +140,7 @@ class Dispatcher:
                 await self.store.finish_call(call_id, outcome="failed", failed_party=None, cause=None,
                                              from_answered_at=None, to_answered_at=None, ended_at=utcnow())
                 await self._finish(row, request, Result(row.id, "failed", f"the PBX did not answer in time ({exc})",
-                                                        row.received_at))
+                                                        row.received_at, reason="pbx-timeout"))
                 return
         self._pbx_failures = 0
         await self.store.finish_call(call_id, outcome=result.outcome, failed_party=result.failed_party,
@@ -227,7 +227,7 @@ def decide(request: ExchangeRequest, row: MessageRow, now: datetime) -> Wait | F
     if now > deadline:
         return Finish(Result(row.id, "expired",
                              f"the request could not be carried out within its monitor time "
-                             f"({_minutes(request.monitor)})", row.received_at))
+                             f"({_minutes(request.monitor)})", row.received_at, reason="expired"))
     return Dial()
 
 
@@ -259,7 +259,9 @@ def call_result(row: MessageRow, request: ExchangeRequest, result: ConnectResult
     }.get(result.outcome, f"the call to {who} ({number}) failed")
     if result.cause is not None:
         sentence += f" (cause {result.cause})"
-    return Result(row.id, str(result.outcome), sentence, row.received_at)
+    return Result(row.id, str(result.outcome), sentence, row.received_at,
+                  failed_party=str(result.failed_party) if result.failed_party else None,
+                  failed_number=number, cause=result.cause)
 
 
 SYSTEM_FAILURES = {"failed", "expired"}

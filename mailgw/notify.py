@@ -56,6 +56,9 @@ OUTCOME_JA = {
 
 LANGUAGES = ("en", "ja")
 
+# Failures of the gateway itself (Result.reason); templates word them in their own language.
+REASONS = ("pbx-timeout", "interrupted", "expired")
+
 
 @dataclass(frozen=True)
 class Result:
@@ -67,6 +70,10 @@ class Result:
     received_at: datetime
     answered_at: datetime | None = None
     dry_run_plan: str = ""
+    failed_party: str | None = None   # 'from' (the caller's phone) or 'to' (the destination)
+    failed_number: str | None = None  # already masked when the request is confidential
+    cause: int | None = None          # Q.850 cause of the failed leg, when the PBX gave one
+    reason: str | None = None         # for failures of the gateway itself: see REASONS
 
     @property
     def status(self) -> str:
@@ -129,6 +136,10 @@ class Notifier:
             "received_at": _local(result.received_at),
             "answered_at": _local(result.answered_at) if result.answered_at else "",
             "dry_run_plan": result.dry_run_plan,
+            "failed_party": result.failed_party,
+            "failed_number": result.failed_number,
+            "cause": result.cause,
+            "reason": result.reason,
             "domain": self.config.domains[0],
         }
 

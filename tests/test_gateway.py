@@ -93,6 +93,14 @@ async def test_japanese_sender_gets_a_japanese_result_mail(gateway: Gateway) -> 
     assert mail.get_content_charset() == "utf-8"
 
 
+async def test_japanese_failure_mail_is_japanese_throughout(gateway: Gateway) -> None:
+    request_id = await run_request(gateway, "yamada@a.example", "carol@a.example", "動作：connect\n")
+    mail = await result_mail_in_maildir(gateway, request_id, "yamada@a.example")
+    assert mail["Subject"].startswith("接続できませんでした（話し中）")
+    assert "相手先（2003）が話し中のため、接続できませんでした。" in mail.get_content()
+    assert "busy" not in mail.get_content().split("結果")[0]  # no English sentence in the Japanese text
+
+
 async def test_foreign_sender_gets_the_result_through_the_smarthost(gateway: Gateway, sink: Sink) -> None:
     request_id = await run_request(gateway, "partner@b.example", "cti@a.example",
                                    "to: 2001\nfrom: 03-1234-5678\n")
@@ -133,6 +141,9 @@ async def test_ordinary_mail_to_a_person_is_delivered_not_dialled(gateway: Gatew
      "field 'monitor': '5 minutes later' is not a duration", "DATA"),
     ("cti@a.example", "to: 0990123456\n", 550, "5.7.1", "not allowed by policy", "DATA"),
     ("cti@a.example", "to: 2001&Local/9999\n", 550, "5.6.0", "field 'to'", "DATA"),
+    ("cti@a.example", "to: 2001\naction: camp-on\n", 550, "5.3.3",
+     "field 'action': 'camp-on' is not available on this gateway yet", "DATA"),
+    ("bob@a.example", "trigger: on-read\n", 550, "5.3.3", "field 'trigger': 'on-read' is not available", "DATA"),
 ])
 async def test_bad_requests_are_refused_with_a_reason_and_nothing_is_dialled(
         gateway: Gateway, recipient: str, body: str, code: int, status: str, text: str, stage: str) -> None:

@@ -39,6 +39,7 @@ END_OF_MESSAGE = "\r\n\r\n"
 
 Field = tuple[str, str]
 _SECRET_KEYS = frozenset({"secret", "key"})
+_SCAN_LIMIT = 24  # messages up to this many headers are searched in place, longer ones indexed
 
 
 class Message:
@@ -83,12 +84,25 @@ class Message:
 
     def get(self, key: str, default: str | None = None) -> str | None:
         """First value of ``key`` (any case), or ``default``."""
-        # Fast path: the exact spelling, which is how Asterisk writes every header and how this
-        # code asks for them. A short scan is cheaper than building the case-insensitive index.
-        for k, v in self._fields:
-            if k == key:
-                return v
-        return self._lookup().get(key.lower(), default)
+        index = self._index
+        fields = self._fields
+        if index is None and len(fields) <= _SCAN_LIMIT:
+            # An in-order scan beats building the index for the one or two lookups most messages
+            # get. Comparing lengths first keeps lower() off nearly every non-matching header.
+            size = len(key)
+            wanted = None
+            for k, v in fields:
+                if k == key:
+                    return v
+                if len(k) == size:
+                    if wanted is None:
+                        wanted = key.lower()
+                    if k.lower() == wanted:
+                        return v
+            return default
+        if index is None:
+            index = self._lookup()
+        return index.get(key.lower(), default)
 
     def __getitem__(self, key: str) -> str:
         value = self.get(key)
@@ -210,14 +224,23 @@ def action(name: str, fields: Iterable[Field] | Mapping[str, str] = (), **header
     ``None`` values are left out; booleans become ``true``/``false`` as Asterisk spells them.
     """
     pairs: list[Field] = [("Action", name)]
-    items = fields.items() if isinstance(fields, Mapping) else fields
-    for key, value in list(items) + list(headers.items()):
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        pairs.append((str(key), str(value)))
+    if fields:
+        items = fields.items() if hasattr(fields, "items") else fields
+        for key, value in items:  # type: ignore[union-attr]
+            if value is not None:
+                pairs.append((key, _header_value(value)))
+    for key, value in headers.items():
+        if value is not None:
+            pairs.append((key, _header_value(value)))
     return Message._trusted(pairs)
+
+
+def _header_value(value: object) -> str:
+    if type(value) is str:
+        return value  # type: ignore[return-value]
+    if value is True or value is False:
+        return "true" if value else "false"
+    return str(value)
 
 
 def parse_block(block: str) -> Message:

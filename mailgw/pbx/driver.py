@@ -34,7 +34,15 @@ party's Dial. The outcome is decided by ``decide`` (a pure function) from:
 * the first party: ``OriginateResponse`` (Reason 4 answered, 5 busy, 3 no answer, 8 congestion,
   0/1 failed), refined by the Hangup cause of the ``;2`` leg (Uniqueid ``<call_id>-2``);
 * the second party: the ``DialEnd`` whose ``Uniqueid`` is ``<call_id>`` (the first party's ``;1``
-  runs Dial), refined by the Hangup cause of the dialled ``;2`` channel.
+  runs Dial): ANSWER, BUSY, NOANSWER, CONGESTION, CHANUNAVAIL (unreachable), CANCEL (the first
+  party hung up while the second rang: counted as the second party's no-answer), refined by the
+  Hangup cause of the dialled ``;2`` channel (17 busy, 18/19 no answer, 20/27/38 unreachable,
+  1/3/28 invalid number, 21 rejected, 34/42 congestion).
+
+``connect`` returns as soon as both answered or one leg failed; the whole call is bounded by
+``2 × ring_timeout + connect_margin`` (PbxError after that). If the AMI session drops while a
+call is in progress, ``connect`` raises PbxError at once: the call may still be up on the PBX,
+which ``find_call(call_id)`` (CoreShowChannels) can tell after the reconnect.
 
 As a real PBX sends the hang-up cause just before or just after the result, a failure waits a
 short grace (``cause_grace``) for it. Events may arrive in any order; the state machine does not
@@ -66,6 +74,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_REAPER_SLACK = 0.01  # seconds a timeout may fire late, so one timer serves many actions
 EventCallback = Callable[[Message], None]
 
 
@@ -82,16 +91,14 @@ class ListReply:
     complete: Message | None
 
 
-def _expire(future: asyncio.Future[ListReply], name: str, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(PbxError(f"AMI {name}: no response within {timeout:g} s"))
-
-
 class _Pending:
-    __slots__ = ("future", "response", "events")
+    __slots__ = ("future", "name", "timeout", "deadline", "response", "events")
 
-    def __init__(self, future: asyncio.Future[ListReply]) -> None:
+    def __init__(self, future: asyncio.Future[ListReply], name: str, timeout: float, deadline: float) -> None:
         self.future = future
+        self.name = name
+        self.timeout = timeout
+        self.deadline = deadline
         self.response: Message | None = None  # set once a list response said "EventList: start"
         self.events: list[Message] = []
 
@@ -209,6 +216,7 @@ class AmiClient:
         self._logged_in = asyncio.Event()
         self._lost: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._reaper: asyncio.TimerHandle | None = None
         self._first: asyncio.Future[None] | None = None
         self._closing = False
 
@@ -241,17 +249,20 @@ class AmiClient:
         """Log off (briefly), stop reconnecting, fail whatever is still pending."""
         if self._closing and self._runner is None:
             return
+        self._closing = True  # first, so the Goodbye and EOF do not look like a lost connection
         if self._logged_in.is_set():
             try:
                 await self.action("Logoff", timeout=1.0)
             except PbxError:
                 pass
-        self._closing = True
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         self._end_session(PbxError("AMI client closed"))
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
 
     @property
     def started(self) -> bool:
@@ -316,18 +327,44 @@ class AmiClient:
         data = msg.encode()  # ValueError on CR/LF injection, before anything is sent
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ListReply] = loop.create_future()
-        self._pending[action_id] = pending = _Pending(future)
         if timeout is None:
             timeout = self.action_timeout
-        # A plain timer that fails the future is cheaper than asyncio.timeout() per action.
-        timer = loop.call_later(timeout, _expire, future, name, timeout)
+        deadline = loop.time() + timeout
+        self._pending[action_id] = pending = _Pending(future, name, timeout, deadline)
+        self._arm_reaper(loop, deadline)
         try:
             await self._write(data)
             return await future
         finally:
-            timer.cancel()
             if self._pending.pop(action_id, None) is not None and pending.response is not None:
                 self._collecting -= 1
+
+    # Timeouts: one timer for all pending actions (armed for the earliest deadline) instead of a
+    # timer per action; with thousands of actions in flight that is most of the per-action cost.
+
+    def _arm_reaper(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        reaper = self._reaper
+        if reaper is not None and reaper.when() <= deadline + _REAPER_SLACK:
+            return
+        if reaper is not None:
+            reaper.cancel()
+        self._reaper = loop.call_at(deadline + _REAPER_SLACK, self._reap)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest = None
+        for pending in list(self._pending.values()):
+            if pending.future.done():
+                continue
+            if pending.deadline <= now:
+                pending.future.set_exception(
+                    PbxError(f"AMI {pending.name}: no response within {pending.timeout:g} s"))
+            elif earliest is None or pending.deadline < earliest:
+                earliest = pending.deadline
+        if earliest is not None:
+            self._arm_reaper(loop, earliest)
 
     async def _write(self, data: bytes) -> None:
         writer = self._writer
@@ -388,6 +425,9 @@ class AmiClient:
             except (OSError, EOFError) as exc:
                 error = PbxError(f"AMI connection to {self.host}:{self.port} failed: {exc}")
                 log.warning("%s", error)
+            except Exception as exc:  # a bug must not end reconnecting for good
+                error = PbxError(f"AMI session with {self.host}:{self.port} broke: {exc!r}")
+                log.exception("AMI session with %s:%s broke", self.host, self.port)
             self._end_session(error)
             if self._first is not None and not self._first.done():
                 self._first.set_exception(error)
@@ -525,7 +565,7 @@ class AmiClient:
                 log.exception("AMI event listener %r failed on %s", callback, msg.event)
 
     def _on_response(self, msg: Message) -> None:
-        action_id = msg.get("ActionID")
+        action_id = msg.action_id
         pending = self._pending.get(action_id) if action_id is not None else None
         if pending is None or pending.future.done():
             log.debug("AMI response without a waiter (ActionID %r)", action_id)

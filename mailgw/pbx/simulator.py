@@ -76,7 +76,12 @@ BridgeEnter, BridgeLeave, BridgeDestroy, VarSet (PLAYBACKSTATUS only), DeviceSta
 devices and phones), ExtensionStatus (phones), FullyBooted, SuccessfulAuth, InvalidPassword.
 Deliberately not emitted (dial-plan noise no client should depend on): Newexten, most VarSet,
 NewCallerid, NewConnectedLine, RequestBadFormat, and duplicate DeviceStateChange events.
-Event order follows the captures for the same situation.
+Event order follows the captures for the same situation: busy 03a, no answer 03b, congestion
+03c, missing extension 03e, hang-up while ringing 06c, answered two-point call and its tear-down
+02c (OriginateResponse after the second party's DialBegin), second party busy / no answer
+02d / 02e, Playback 04. Situations the captures lack (unreachable, unallocated) follow the
+same pattern as a dial plan ``Hangup(<cause>)`` would: HangupRequest, DialEnd CHANUNAVAIL,
+OriginateResponse Failure Reason 1, Hangup of ``;2`` with the cause, Hangup of ``;1``.
 
 ``time_scale`` multiplies every simulated delay (answer-after, talk time, Originate Timeout,
 Dial timeout, application run time, the login-failure delay) so tests can run at 0.01–0.05
@@ -642,9 +647,13 @@ class AmiSimulator:
             session.respond(msg, "Error", ("Message", f"Invalid/unknown command: {name}. "
                                                       "Use Action: ListCommands to show available commands."))
             return
-        result = handler(session, msg)
-        if asyncio.iscoroutine(result):
-            await result
+        try:
+            result = handler(session, msg)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:  # one bad request must not take the session (or the PBX) down
+            log.exception("AMI simulator: action %s failed", name)
+            session.respond(msg, "Error", ("Message", f"Internal error handling {name}"))
 
     def _broadcast(self, fields: list[Field]) -> None:
         data = Message._trusted(fields).encode()

@@ -406,3 +406,37 @@ def test_decide_second_party_and_grace() -> None:
     assert decide(state, grace_over=True) == (CallOutcome.BUSY, Party.TO, None)
     apply(state, Message([("Event", "Hangup"), ("Channel", "Local/2003@d-0000000a;2"), ("Cause", "21")]), now)
     assert decide(state, grace_over=False) == (CallOutcome.REJECTED, Party.TO, 21)
+
+
+# --- calls disturbed from outside ------------------------------------------------------------------------
+
+
+async def test_a_phone_in_a_call_is_busy_for_the_next_caller(sim: AmiSimulator, make_pbx: Callable[..., Any]) -> None:
+    pbx = await make_pbx(sim)
+    first = await connect(pbx, "talking", "2000", "2001")
+    assert first.outcome is CallOutcome.ANSWERED
+    second = await connect(pbx, "camp-on-me", "2002", "2000")  # 2000 is still talking to 2001
+    assert (second.outcome, second.failed_party, second.cause) == (CallOutcome.BUSY, Party.TO, 17)
+
+
+async def test_first_party_hung_up_while_the_second_rings(sim: AmiSimulator, make_pbx: Callable[..., Any]) -> None:
+    pbx = await make_pbx(sim)
+    with pbx.client.subscribe("DialState") as ringing:
+        call = asyncio.create_task(pbx.connect("gave-up", "2000", "2004", ring_timeout=600, caller_id=CALLER))
+        second_rings = await ringing.wait_for(lambda m: m.get("Uniqueid") == "gave-up", WAIT)
+    reply = await pbx.client.action("Hangup", Channel=second_rings["Channel"])
+    assert reply["Message"] == "Channel Hungup"
+    result = await asyncio.wait_for(call, WAIT)
+    assert (result.outcome, result.failed_party) == (CallOutcome.NO_ANSWER, Party.TO)
+    record = sim.call("gave-up")
+    assert record is not None and record.to_outcome is CallOutcome.FAILED
+
+
+async def test_first_party_call_cancelled_while_it_rings(sim: AmiSimulator, make_pbx: Callable[..., Any]) -> None:
+    pbx = await make_pbx(sim)
+    with pbx.client.subscribe("DialState") as ringing:
+        call = asyncio.create_task(pbx.connect("cancelled", "2004", "2000", ring_timeout=600, caller_id=CALLER))
+        first_rings = await ringing.wait_for(lambda m: m.get("DestUniqueid") == "cancelled", WAIT)
+    await pbx.client.action("Hangup", Channel=first_rings["DestChannel"])
+    result = await asyncio.wait_for(call, WAIT)
+    assert (result.outcome, result.failed_party, result.cause) == (CallOutcome.FAILED, Party.FROM, None)
