@@ -34,6 +34,10 @@ def ascii_reply(reply: Reply | str) -> str:
     return str(reply).encode("ascii", "backslashreplace").decode("ascii")
 
 
+LINE_TOO_LONG = ascii_reply(Reply(500, "5.6.0", "line too long: mail lines may have at most 998 characters"
+                                                 " (RFC 5321 4.5.3.1.6)"))
+
+
 class IngressHandler:
     """aiosmtpd handler hooks: the acceptance policy of the gateway."""
 
@@ -130,6 +134,8 @@ class GatewaySMTP(SMTP):
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
         if text.startswith("552 Error:"):
             status = self._too_big
+        elif text.startswith("500 Line too long"):
+            status = LINE_TOO_LONG
         await super().push(status)
 
 

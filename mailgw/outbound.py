@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta
-from email.message import EmailMessage
+from email.message import Message
 from pathlib import Path
 
 import aiosmtplib
@@ -39,14 +39,14 @@ class Outbox:
         self._wake = asyncio.Event()
         self._stopping = False
 
-    async def prepare(self, message: EmailMessage, *, rcpt_to: str, request_id: str | None) -> OutboxEntry:
+    async def prepare(self, message: Message, *, rcpt_to: str, request_id: str | None) -> OutboxEntry:
         """Write ``message`` durably and describe it; the caller records it (maybe with other rows)."""
         outbox_id = new_id()
-        raw = bytes(message)
+        raw = message.as_bytes()
         path = await asyncio.to_thread(write_durably, self.root / f"{outbox_id}.eml", raw)
         return OutboxEntry(outbox_id, request_id, self.config.sender_address, rcpt_to, path)
 
-    async def send(self, message: EmailMessage, *, rcpt_to: str, request_id: str | None) -> None:
+    async def send(self, message: Message, *, rcpt_to: str, request_id: str | None) -> None:
         entry = await self.prepare(message, rcpt_to=rcpt_to, request_id=request_id)
         await self.store.add_outbox(entry)
         self.wake()

@@ -483,7 +483,10 @@ _BASE64_DEFECTS = (email.errors.InvalidBase64PaddingDefect, email.errors.Invalid
 
 def _read_mime(raw: bytes) -> Message:
     try:
-        return email.message_from_bytes(raw, policy=email.policy.default)
+        # compat32 structure: get_content_type()/get_param() are string operations there, while
+        # the modern policy re-parses Content-Type on every call (~10 a mail). Headers shown to
+        # people are still decoded with the modern policy in _decoded_header.
+        return email.message_from_bytes(raw, policy=email.policy.compat32)
     except RecursionError:
         raise Refused(552, "5.3.4", f"MIME nesting deeper than {MAX_DEPTH} levels") from None
     except Exception as exc:  # the parser is lenient; this is for what it still cannot take
@@ -504,7 +507,7 @@ def _decoded_header(entity: Message, name: str) -> str:
     if raw is None:
         return ""
     try:
-        text = str(entity.policy.header_fetch_parse(name, raw[: 4 * MAX_VALUE]))
+        text = str(email.policy.default.header_fetch_parse(name, raw[: 4 * MAX_VALUE]))
     except Exception:  # email's structured header parsers trip over garbage
         text = raw
     text = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") else ch for ch in text)
@@ -744,7 +747,7 @@ def _header_givens(headers: list[tuple[str, str]], message: Message, ctx: _Conte
         if len(raw) > 4 * MAX_VALUE:  # encoded words make the raw form longer than the value
             raise Refused(552, "5.3.4", f"field '{field_name}': value longer than {MAX_VALUE} characters")
         try:
-            value = str(message.policy.header_fetch_parse(name, raw)).strip()
+            value = str(email.policy.default.header_fetch_parse(name, raw)).strip()
         except Exception:
             value = "\ufffd"
         if "\ufffd" in value or any(unicodedata.category(ch) == "Cs" for ch in value):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
+Statements = list[tuple[str, tuple[Any, ...]]]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -168,6 +169,8 @@ class Store:
         self._db: sqlite3.Connection | None = None
         # Called on the event loop after a stage is durably recorded: (request_id, stage, detail).
         self.stage_listeners: list[Callable[[str, str, str], None]] = []
+        self._pending: list[tuple[Statements, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +186,8 @@ class Store:
         self._db = db
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
@@ -191,24 +196,59 @@ class Store:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _commit(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        await self._run(self._write, statements)
+    async def _commit(self, statements: Statements) -> None:
+        """Commit ``statements`` as one atomic transaction, durably, then tell stage listeners.
+
+        Group commit: transactions that arrive while a batch is being written wait for the next
+        batch and share its single fsync. Each keeps its own atomicity through a SAVEPOINT, so one
+        failing transaction does not take the others with it.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((statements, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="store-group-commit")
+        await done
         for sql, params in statements:
             if sql.startswith("INSERT INTO stages"):
                 for listener in list(self.stage_listeners):
                     listener(params[0], params[2], params[3])
 
-    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """Run statements as one transaction: all of them are durable, or none."""
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                errors = await self._run(self._write_batch, [statements for statements, _ in batch])
+            except BaseException as exc:  # the COMMIT itself failed: nothing of the batch is durable
+                errors = [exc] * len(batch)
+            for (_, done), error in zip(batch, errors):
+                if done.done():
+                    continue
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+
+    def _write_batch(self, batch: list[Statements]) -> list[BaseException | None]:
         assert self._db is not None
+        errors: list[BaseException | None] = []
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in statements:
-                self._db.execute(sql, params)
+            for statements in batch:
+                self._db.execute("SAVEPOINT one")
+                try:
+                    for sql, params in statements:
+                        self._db.execute(sql, params)
+                except sqlite3.Error as exc:
+                    self._db.execute("ROLLBACK TO one")
+                    errors.append(exc)
+                else:
+                    errors.append(None)
+                self._db.execute("RELEASE one")
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        return errors
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         assert self._db is not None

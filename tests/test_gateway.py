@@ -167,6 +167,14 @@ async def test_too_big_message_is_refused_with_552_5_3_4(make_config, sink: Sink
         await gw.stop()
 
 
+async def test_overlong_line_is_refused_with_an_enhanced_code(gateway: Gateway) -> None:
+    raw = (b"From: alice@a.example\r\nTo: bob@a.example\r\nSubject: x\r\n\r\nto: 2001\r\n" + b"y" * 5000 + b"\r\n")
+    reply = await submit(gateway.smtp_port, raw, mail_from="alice@a.example", rcpt_to=["bob@a.example"])
+    assert (reply.code, reply.stage) == (500, "DATA")
+    assert reply.text.startswith("5.6.0 line too long")
+    assert await gateway.store.list_messages() == [] and placed_calls(gateway) == []
+
+
 async def test_rate_limit_refuses_the_request_over_the_limit(make_config, sink: Sink) -> None:
     config = make_config()
     gw = Gateway(replace(config, policy=replace(config.policy, per_sender_per_hour=2)))

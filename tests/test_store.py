@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from pathlib import Path
 
 from mailgw import mailbox
@@ -36,6 +38,28 @@ async def test_messages_calls_and_notifications_survive_reopening(tmp_path: Path
         assert (queued.id, queued.rcpt_to, queued.request_id) == ("o1", "a@x.example", "q1")
         assert [s for _, s, _ in await store.stages("q1")] == ["received", "outcome", "mail-queued"]
         assert await store.count_requests_since("a@x.example", row.received_at) == 1
+    finally:
+        await store.close()
+
+
+async def test_group_commit_keeps_each_transaction_atomic(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        await store.add_messages([NewMessage(f"q{i}", "a@x.example", "b@a.example", tmp_path / "x", 1, "request",
+                                             "a@x.example", {}) for i in range(3)])
+        await store.add_call("q0-1", "q0", "2000", "2001")
+        # Submitted together, these share one batch; the duplicate call id must fail alone.
+        results = await asyncio.gather(
+            store.add_call("q1-1", "q1", "2000", "2001"),
+            store.add_call("q0-1", "q2", "2000", "2001"),
+            store.add_stage("q2", "waiting", "x"),
+            return_exceptions=True)
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], sqlite3.IntegrityError)
+        assert [c.id for c in await store.calls_for("q1")] == ["q1-1"]
+        assert await store.calls_for("q2") == []
+        assert [s for _, s, _ in await store.stages("q2")] == ["received", "waiting"]
     finally:
         await store.close()
 
