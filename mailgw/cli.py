@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import email.policy
+import getpass
 import asyncio
 import logging
 import mimetypes
@@ -22,8 +23,9 @@ from datetime import datetime
 from pathlib import Path
 
 from . import mailbox
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, readable_secrets_warning
 from .directory import DirectoryError
+from .campon_cli import register as register_campons
 
 EX_TEMPFAIL = 75
 EX_UNAVAILABLE = 69
@@ -74,10 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(inbox)
     inbox.set_defaults(run=_inbox)
 
+    passwd = sub.add_parser("passwd", help="hash a password for a person's 'secret' in directory.yaml")
+    passwd.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    passwd.set_defaults(run=_passwd)
+
     requests = sub.add_parser("requests", help="recent requests and their outcome")
     requests.add_argument("--limit", type=int, default=20)
     _config_options(requests)
     requests.set_defaults(run=_requests)
+    register_campons(sub)
     return parser
 
 
@@ -93,6 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_level != "DEBUG":
         logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP command at INFO
     config = load_config(args.config, data_dir=args.data)
+    if args.config is not None and (warning := readable_secrets_warning(args.config)):
+        logging.getLogger("mailgw").warning(warning)
     from .gateway import serve  # the gateway pulls in the whole stack; other commands stay light
 
     async def run() -> None:
@@ -179,6 +188,25 @@ def _refused(code: int, reply: bytes | str) -> int:
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
     print(f"refused: {code} {text}", file=sys.stderr)
     return EX_TEMPFAIL if 400 <= code < 500 else 1
+
+
+# --- passwd -------------------------------------------------------------------------------------
+
+def _passwd(args: argparse.Namespace) -> int:
+    from .auth import hash_secret
+
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("mailgw passwd: the two passwords differ", file=sys.stderr)
+            return 1
+    if len(password) < 8:
+        print("mailgw passwd: use at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_secret(password))
+    return 0
 
 
 # --- inbox --------------------------------------------------------------------------------------

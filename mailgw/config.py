@@ -7,6 +7,7 @@ Unknown keys are errors: a typo in a config file must not be silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,11 +73,37 @@ class PbxConfig:
     max_concurrent_calls: int = 20
 
 
+ACTIONS = ("connect", "camp-on", "cancel", "monitor")
+
+
+@dataclass(frozen=True)
+class GroupPolicy:
+    """What the members of one directory group may do; unset keys fall back to ``policy``."""
+
+    allow: tuple[str, ...] | None = None
+    deny: tuple[str, ...] | None = None
+    actions: tuple[str, ...] | None = None
+    per_sender_per_hour: int | None = None
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     allow: tuple[str, ...] = ("XX", "XXX", "XXXX", "XXXXX", "0[1-9]*")
     deny: tuple[str, ...] = ("00*", "010*", "0990*", "0570*", "+*")
+    actions: tuple[str, ...] = ACTIONS
     per_sender_per_hour: int = 30
+    per_number_per_minute: int = 1   # requests that ring one number (GoAlert-like defaults) ...
+    per_number_per_hour: int = 5     # ... a sender's own phone excepted
+    groups: tuple[tuple[str, GroupPolicy], ...] = ()  # (group name, policy), first match wins
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    # Clients connecting from these networks may place calls without SMTP AUTH (like Postfix's
+    # mynetworks). Everyone else must authenticate, over TLS, as the person the mail is from.
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    tls_cert: Path | None = None  # PEM; unset: a self-signed certificate is made under data_dir/tls
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,21 @@ class RequestConfig:
     service_mailboxes: tuple[str, ...] = ("cti",)  # local parts that take requests for any number
     monitor_default: float = 15 * 60.0
     monitor_max: float = 8 * 3600.0
+
+
+@dataclass(frozen=True)
+class CamponConfig:
+    """Camp-on, cancel and the status monitor (see mailgw/campon.py)."""
+
+    retry_busy: float = 3 * 60.0         # retry mode: wait after a busy attempt
+    retry_no_answer: float = 5 * 60.0    # after an attempt nobody answered (also watch mode)
+    retry_other: float = 3 * 60.0        # after congestion, unreachable, an unknown failure
+    max_per_caller: int = 5              # pending camp-ons one caller number may have (CCSS-like)
+    max_per_target: int = 5              # pending camp-ons on one destination number
+    max_concurrent_originates: int = 10  # camp-on attempts placed at once; express ones go first
+    admins: tuple[str, ...] = ()         # addresses that may cancel anyone's camp-on
+    poll_interval: float = 2.0           # how often the running gateway looks for `mailgw campons cancel`
+    monitor_mail_interval: float = 60.0  # status monitor: at most one mail per this many seconds
 
 
 @dataclass(frozen=True)
@@ -104,8 +146,10 @@ class Config:
     templates: Path = field(default_factory=lambda: shipped("templates"))
     pbx: PbxConfig = PbxConfig()
     policy: PolicyConfig = PolicyConfig()
+    security: SecurityConfig = SecurityConfig()
     requests: RequestConfig = RequestConfig()
     numbering: NumberingConfig = NumberingConfig()
+    campon: CamponConfig = CamponConfig()
     language: str = "en"
     gateway_address: str = ""  # From of the mail we send; default mailgw@<first domain>
 
@@ -146,11 +190,25 @@ def load_config(path: Path | None, *, data_dir: Path | None = None) -> Config:
     return config
 
 
+def readable_secrets_warning(path: Path) -> str | None:
+    """A warning when a config file holding a secret can be read by other users of the machine."""
+    try:
+        mode = Path(path).stat().st_mode
+        holds_secret = "secret" in Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if holds_secret and mode & 0o077:
+        return (f"{path} holds a secret and can be read by others (mode {mode & 0o777:o}); "
+                f"chmod 600 it, or put the AMI secret in MAILGW_AMI_SECRET")
+    return None
+
+
 # --- building -----------------------------------------------------------------------------------
 
 _TOP_KEYS = {
     "domains", "data_dir", "smtp", "outbound", "directory", "destinations", "mailbox",
-    "templates", "pbx", "policy", "requests", "numbering", "language", "gateway_address",
+    "templates", "pbx", "policy", "security", "requests", "numbering", "language", "gateway_address",
+    "campon",
 }
 
 
@@ -164,9 +222,15 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
                                 "caller_id", "max_concurrent_calls"})
     ami = _section(pbx, "ami", {"host", "port", "username", "secret"}, "pbx.")
     sim = _section(pbx, "simulator", {"enabled", "phones", "time_scale"}, "pbx.")
-    policy = _section(raw, "policy", {"allow", "deny", "per_sender_per_hour"})
+    policy = _section(raw, "policy", {"allow", "deny", "actions", "per_sender_per_hour", "per_number_per_minute",
+                                      "per_number_per_hour", "groups"})
+    security = _section(raw, "security", {"trusted_networks", "tls"})
+    tls = _section(security, "tls", {"cert", "key"}, "security.")
     requests = _section(raw, "requests", {"service_mailboxes", "monitor_default", "monitor_max"})
     numbering = _section(raw, "numbering", {"region", "extension_pattern"})
+    campon = _section(raw, "campon", {"retry_busy", "retry_no_answer", "retry_other", "max_per_caller",
+                                      "max_per_target", "max_concurrent_originates", "admins", "poll_interval",
+                                      "monitor_mail_interval"})
 
     domains = raw.get("domains", list(d.domains))
     if isinstance(domains, str):
@@ -214,7 +278,16 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         policy=PolicyConfig(
             allow=_patterns(policy, "allow", d.policy.allow),
             deny=_patterns(policy, "deny", d.policy.deny),
+            actions=_actions(policy, d.policy.actions, "policy."),
             per_sender_per_hour=_int(policy, "per_sender_per_hour", d.policy.per_sender_per_hour, "policy."),
+            per_number_per_minute=_int(policy, "per_number_per_minute", d.policy.per_number_per_minute, "policy."),
+            per_number_per_hour=_int(policy, "per_number_per_hour", d.policy.per_number_per_hour, "policy."),
+            groups=_groups(policy.get("groups") or {}),
+        ),
+        security=SecurityConfig(
+            trusted_networks=_networks(security, d.security.trusted_networks),
+            tls_cert=_path(tls, "cert", None, base),
+            tls_key=_path(tls, "key", None, base),
         ),
         requests=RequestConfig(
             service_mailboxes=tuple(requests.get("service_mailboxes", d.requests.service_mailboxes)),
@@ -226,8 +299,31 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
             region=_str(numbering, "region", d.numbering.region, "numbering.").upper(),
             extension_pattern=_str(numbering, "extension_pattern", d.numbering.extension_pattern, "numbering."),
         ),
+        campon=_campon(campon, d.campon),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
+    )
+
+
+def _campon(raw: dict[str, Any], d: CamponConfig) -> CamponConfig:
+    def duration(key: str) -> float:
+        return _duration(raw.get(key), getattr(d, key), f"campon.{key}")
+
+    def count(key: str) -> int:
+        value = _int(raw, key, getattr(d, key), "campon.")
+        if value < 1:
+            raise ConfigError(f"campon.{key}: must be at least 1")
+        return value
+
+    admins = raw.get("admins", list(d.admins))
+    if not isinstance(admins, list) or not all(isinstance(a, str) and "@" in a for a in admins):
+        raise ConfigError("campon.admins: must be a list of mail addresses")
+    return CamponConfig(
+        retry_busy=duration("retry_busy"), retry_no_answer=duration("retry_no_answer"),
+        retry_other=duration("retry_other"), max_per_caller=count("max_per_caller"),
+        max_per_target=count("max_per_target"), max_concurrent_originates=count("max_concurrent_originates"),
+        admins=tuple(a.strip().lower() for a in admins), poll_interval=duration("poll_interval"),
+        monitor_mail_interval=duration("monitor_mail_interval"),
     )
 
 
@@ -315,15 +411,53 @@ def _duration(value: Any, default: float, name: str) -> float:
     return float(seconds)
 
 
-def _patterns(raw: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+def _actions(raw: dict[str, Any], default: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    value = raw.get("actions", list(default))
+    if not isinstance(value, list) or not all(x in ACTIONS for x in value):
+        raise ConfigError(f"{prefix}actions: must be a list of {', '.join(ACTIONS)}")
+    return tuple(value)
+
+
+def _groups(raw: Any) -> tuple[tuple[str, GroupPolicy], ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError("policy.groups: must be a mapping of group name to policy")
+    groups = []
+    for name, entry in raw.items():
+        prefix = f"policy.groups.{name}."
+        entry = entry or {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{prefix[:-1]}: must be a mapping")
+        _no_unknown(entry, {"allow", "deny", "actions", "per_sender_per_hour"}, prefix)
+        groups.append((str(name), GroupPolicy(
+            allow=_patterns(entry, "allow", (), prefix) if "allow" in entry else None,
+            deny=_patterns(entry, "deny", (), prefix) if "deny" in entry else None,
+            actions=_actions(entry, (), prefix) if "actions" in entry else None,
+            per_sender_per_hour=_int(entry, "per_sender_per_hour", 0, prefix) if "per_sender_per_hour" in entry else None,
+        )))
+    return tuple(groups)
+
+
+def _networks(raw: dict[str, Any], default: tuple[str, ...]) -> tuple[str, ...]:
+    value = raw.get("trusted_networks", list(default))
+    if not isinstance(value, list):
+        raise ConfigError("security.trusted_networks: must be a list of networks (127.0.0.0/8)")
+    for network in value:
+        try:
+            ipaddress.ip_network(str(network), strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"security.trusted_networks: {exc}") from exc
+    return tuple(str(n) for n in value)
+
+
+def _patterns(raw: dict[str, Any], key: str, default: tuple[str, ...], prefix: str = "policy.") -> tuple[str, ...]:
     value = raw.get(key, list(default))
     if not isinstance(value, list) or not all(isinstance(x, (str, int)) for x in value):
-        raise ConfigError(f"policy.{key}: must be a list of number patterns")
+        raise ConfigError(f"{prefix}{key}: must be a list of number patterns")
     from .policy import PatternError, compile_pattern  # policy builds on this module's types
 
     for pattern in value:
         try:
             compile_pattern(str(pattern))
         except PatternError as exc:
-            raise ConfigError(f"policy.{key}: {exc}") from exc
+            raise ConfigError(f"{prefix}{key}: {exc}") from exc
     return tuple(str(x) for x in value)

@@ -25,6 +25,7 @@ class Person:
     language: str = "en"
     groups: tuple[str, ...] = ()
     numbers: tuple[str, ...] = field(default=())  # other numbers that are this person (mobile, DID)
+    secret: str | None = field(default=None, repr=False)  # SMTP AUTH password hash (mailgw passwd)
 
     @property
     def local_part(self) -> str:
@@ -94,7 +95,7 @@ def load_directory(path: Path) -> Directory:
 def _person(entry: object, where: str) -> Person:
     if not isinstance(entry, dict):
         raise DirectoryError(f"{where}: must be a mapping")
-    unknown = set(entry) - {"address", "name", "extension", "language", "groups", "numbers"}
+    unknown = set(entry) - {"address", "name", "extension", "language", "groups", "numbers", "secret"}
     if unknown:
         raise DirectoryError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     address = normalise_address(str(entry.get("address", "")))
@@ -110,4 +111,15 @@ def _person(entry: object, where: str) -> Person:
         language=str(entry.get("language") or "en"),
         groups=tuple(str(g) for g in entry.get("groups") or ()),
         numbers=tuple(str(n) for n in entry.get("numbers") or ()),
+        secret=_secret(entry.get("secret"), where),
     )
+
+
+def _secret(value: object, where: str) -> str | None:
+    # Only hashes belong in the directory: a plain password there would be read by everyone who
+    # can read the file. ``mailgw passwd`` prints the hash to paste.
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("scrypt$"):
+        raise DirectoryError(f"{where}: secret must be a hash made by 'mailgw passwd' (scrypt$...)")
+    return value

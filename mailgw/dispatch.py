@@ -7,7 +7,10 @@ the last one stopped:
 * an ``executing`` request whose call row exists but has no outcome was cut off mid-call by a
   crash: it is NOT dialled again (a second call is worse than a failure notice); the sender is told;
 * a PBX that cannot be reached leaves the request queued and retried until its monitor window
-  closes; then the sender gets a failure notice.
+  closes; then the sender gets a failure notice;
+* camp-on, status monitor and cancel requests — and a ``retry: yes`` connect whose first attempt
+  failed for a temporary reason — are handed to ``campon.Campons``, which keeps their state in its
+  own table and resumes them itself.
 
 Decisions (what to do with a request, what a call result means for the sender) are plain functions
 at the bottom; the class only moves data between the store, the PBX port and the outbox.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from . import mailbox
+from .campon import Campons, should_camp
 from .config import Config
 from .notify import Notifier, Result
 from .outbound import Outbox
@@ -44,6 +48,7 @@ class Dispatcher:
         self._calls = asyncio.Semaphore(config.pbx.max_concurrent_calls)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._pbx_failures = 0
+        self.campons: Campons | None = None  # set by the gateway; without it camp-ons are not run
 
     def submit(self, message_ids: list[str]) -> None:
         """Called by ingress after the 250: start working on the new entries."""
@@ -102,6 +107,12 @@ class Dispatcher:
     async def _run_request(self, row: MessageRow) -> None:
         assert row.request is not None
         request = ExchangeRequest.from_json(row.request)
+        if self.campons is not None:
+            if self.campons.is_pending(row.id):
+                return  # a camp-on resumed from its own row
+            if request.action in CAMPON_ACTIONS and not request.dry_run:
+                await self.campons.handle(row, request)
+                return
         now = utcnow()
         decision = decide(request, row, now)
         if isinstance(decision, Wait):
@@ -143,6 +154,9 @@ class Dispatcher:
                                                         row.received_at, reason="pbx-timeout"))
                 return
         self._pbx_failures = 0
+        if self.campons is not None and request.retry and should_camp(result):
+            await self.campons.after_first_attempt(row, request, call_id, result)
+            return
         await self.store.finish_call(call_id, outcome=result.outcome, failed_party=result.failed_party,
                                      cause=result.cause, from_answered_at=result.from_answered_at,
                                      to_answered_at=result.to_answered_at, ended_at=result.ended_at)
@@ -187,11 +201,13 @@ class Dispatcher:
 
 # --- decisions ----------------------------------------------------------------------------------
 
+CAMPON_ACTIONS = (Action.CAMP_ON, Action.MONITOR, Action.CANCEL)
+
+
 def check_supported(request: ExchangeRequest) -> None:
     """Refuse at DATA what this gateway cannot carry out yet, rather than accept and fail later."""
-    if request.action != Action.CONNECT:
-        raise Refused(550, "5.3.3", f"field 'action': '{request.action}' is not available on this gateway yet"
-                                    " (only 'connect' is)")
+    if request.action not in (Action.CONNECT, *CAMPON_ACTIONS):
+        raise Refused(550, "5.3.3", f"field 'action': '{request.action}' is not available on this gateway yet")
     if request.trigger != Trigger.ON_RECEIPT:
         raise Refused(550, "5.3.3", f"field 'trigger': '{request.trigger}' is not available on this gateway yet"
                                     " (only 'on-receipt' is)")
@@ -235,6 +251,15 @@ def plan(request: ExchangeRequest) -> str:
     """The steps a request would take, for dry-run answers."""
     steps = [f"1. ring {request.from_number} (your phone) for up to the ring timeout;",
              f"2. when it is answered, ring {request.to_number} and put you through."]
+    if request.action is Action.CAMP_ON or request.retry:
+        how = ("watch the destination's line and call as soon as both phones are free" if request.mode == "watch"
+               else "redial at intervals")
+        steps.append(f"3. if the destination is busy or does not answer: {how}, for up to {_minutes(request.monitor)}.")
+    if request.action is Action.MONITOR:
+        steps = [f"1. watch {request.to_number} for {_minutes(request.monitor)} and mail you when it rings, "
+                 "answers or hangs up."]
+    if request.action is Action.CANCEL:
+        steps = [f"1. cancel request {request.request_ref}."]
     if request.at is not None:
         steps.insert(0, f"0. wait until {request.at.astimezone():%Y-%m-%d %H:%M};")
     return "\n".join(steps)

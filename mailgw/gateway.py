@@ -13,6 +13,7 @@ import contextlib
 import logging
 from dataclasses import replace
 
+from .campon import Campons
 from .config import Config
 from .directory import Directory, load_directory
 from .dispatch import Dispatcher
@@ -37,6 +38,7 @@ class Gateway:
         self.pbx: AmiPbx | None = None
         self.outbox = Outbox(config, self.directory, self.store, config.data_dir / "outbox")
         self.dispatcher: Dispatcher | None = None
+        self.campons: Campons | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -56,11 +58,15 @@ class Gateway:
             await self._start_simulator()
         self.pbx = AmiPbx(self.config.pbx)
         await self.pbx.start()
-        self.dispatcher = Dispatcher(self.config, self.store, self.pbx, Notifier(self.config, self.directory),
-                                     self.outbox)
+        notifier = Notifier(self.config, self.directory)
+        self.dispatcher = Dispatcher(self.config, self.store, self.pbx, notifier, self.outbox)
+        self.campons = Campons(self.config, self.directory, self.store, self.pbx, notifier, self.outbox)
+        self.dispatcher.campons = self.campons
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
+        await self.campons.start()  # before the dispatcher: camp-ons resume from their own rows
         await self.dispatcher.resume()
         handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)
+        handler.campons = self.campons
         self._server = await start_smtp(handler, self.config)
         log.info("mailgw listening for SMTP on %s:%d for %s; PBX %s at %s:%d", self.config.smtp.listen.host,
                  self.smtp_port, ", ".join(self.config.domains),
@@ -84,6 +90,8 @@ class Gateway:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         if self.dispatcher is not None:
             await self.dispatcher.stop()
+        if self.campons is not None:
+            await self.campons.stop()
         self.outbox.stop()
         _, pending = await asyncio.wait(self._tasks, timeout=10) if self._tasks else (set(), set())
         for task in pending:

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any, Callable
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .config import Config
 from .directory import Directory, normalise_address
-from .policy import check_rate
+from .auth import DirectoryAuthenticator, Sender, session_sender
+from .policy import Verdict, authorise, check_number_rate, check_rate, sender_limit
 from .dispatch import check_supported
 from .request import ExchangeRequest, describe, parse_request
 from .routing import route_recipient
 from .spool import Spool, new_id
 from .status import Refused, Reply
-from .store import NewMessage, Store, hour_ago
+from .store import NewMessage, Store, hour_ago, utcnow
+from .tls import server_context
 
 log = logging.getLogger("mailgw.ingress")
+audit_log = logging.getLogger("mailgw.audit")
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "temporary failure storing the message; please try again later")
 
@@ -40,6 +45,8 @@ LINE_TOO_LONG = ascii_reply(Reply(500, "5.6.0", "line too long: mail lines may h
 
 class IngressHandler:
     """aiosmtpd handler hooks: the acceptance policy of the gateway."""
+
+    campons: Any = None  # camp-on hook (mailgw.campon.Campons), set by the gateway
 
     def __init__(self, config: Config, directory: Directory, store: Store, spool: Spool,
                  on_accepted: Callable[[list[str]], None]) -> None:
@@ -62,11 +69,23 @@ class IngressHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw: bytes = envelope.original_content or b""
         mail_from = envelope.mail_from or ""
+        sender = session_sender(session, self.config.security.trusted_networks)
         try:
-            requests = [(rcpt, self._parse(raw, mail_from, rcpt)) for rcpt in envelope.rcpt_tos]
+            requests = []
+            for rcpt in envelope.rcpt_tos:
+                request = self._parse(raw, mail_from, rcpt)
+                if request is None and self.directory.by_address(rcpt) is None:
+                    # A service mailbox has no reader: mail that is not a request cannot go there.
+                    raise Refused(550, "5.6.0", f"{rcpt} takes requests only, and this mail is none "
+                                                "(automatic replies and result mails are not read)")
+                if request is not None:
+                    request = await self._authorise(request, sender, rcpt)
+                requests.append((rcpt, request))
             await self._check_rate(requests)
         except Refused as refusal:
             log.info("refused DATA from %s (%d bytes): %s", mail_from or "<>", len(raw), refusal)
+            if refusal.reply.status.startswith("5.7."):
+                await self._audit(sender, mail_from, f"mail to {', '.join(envelope.rcpt_tos)}", refusal.reply)
             return ascii_reply(refusal.reply)
 
         queue_id = new_id()
@@ -91,17 +110,54 @@ class IngressHandler:
         return ascii_reply(TEMPORARY_FAILURE)
 
     def _parse(self, raw: bytes, mail_from: str, rcpt: str) -> ExchangeRequest | None:
+        if self.campons is not None and rcpt == self.campons.reply_address:  # camp-on: a reply may cancel
+            return self.campons.parse_reply(raw, mail_from, rcpt)
         request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config)
         if request is not None:
             check_supported(request)
+            if self.campons is not None:  # camp-on: duplicates, limits, who may cancel
+                self.campons.admit(request)
+        return request
+
+    async def _authorise(self, request: ExchangeRequest, sender: Sender, rcpt: str) -> ExchangeRequest | None:
+        """The request if it may make the PBX act; None when it is only to be delivered as mail."""
+        person = self.directory.by_address(request.sender)
+        verdict = authorise(request, sender, to_person=self.directory.by_address(rcpt) is not None,
+                            groups=person.groups if person else (), policy=self.config.policy)
+        if verdict == Verdict.DELIVER_ONLY:
+            await self._audit(sender, request.sender, describe(request),
+                              Reply(250, "2.0.0", "delivered to the mailbox only: the sender is not authenticated"))
+            return None
         return request
 
     async def _check_rate(self, requests: list[tuple[str, ExchangeRequest | None]]) -> None:
-        senders = {r.sender for _, r in requests if r is not None}
-        for sender in senders:
+        policy = self.config.policy
+        asked = [r for _, r in requests if r is not None]
+        for sender in {r.sender for r in asked}:
+            person = self.directory.by_address(sender)
+            limit = sender_limit(policy, person.groups if person else ())
             recent = await self.store.count_requests_since(sender, hour_ago())
-            check_rate(recent + sum(1 for _, r in requests if r is not None and r.sender == sender) - 1,
-                       self.config.policy, sender=sender)
+            check_rate(recent + sum(1 for r in asked if r.sender == sender) - 1,
+                       replace(policy, per_sender_per_hour=limit), sender=sender)
+        now = utcnow()
+        rung: list[str] = []
+        for request in asked:
+            for number in numbers_rung(request):
+                last_minute = await self.store.count_rings_since(number, now - timedelta(minutes=1))
+                last_hour = await self.store.count_rings_since(number, now - timedelta(hours=1))
+                earlier = rung.count(number)  # the same number twice in this one mail
+                check_number_rate(number, last_minute + earlier, last_hour + earlier, policy)
+                rung.append(number)
+
+    async def _audit(self, sender: Sender, address: str | None, what: str, reply: Reply) -> None:
+        """Who asked for what, and which rule decided: a log line and a row in the store."""
+        audit_log.warning("peer=%s login=%s sender=%s what=%r decision=%r", sender.peer, sender.login or "-",
+                          address or "<>", what, str(reply))
+        try:
+            await self.store.add_audit(peer=sender.peer, login=sender.login, sender=address, what=what,
+                                       rule=reply.text, reply=str(reply))
+        except Exception:  # the refusal itself must still be given
+            log.exception("could not record an audit entry")
 
     def _entry(self, queue_id: str, index: int, count: int, mail_from: str, rcpt: str,
                request: ExchangeRequest | None, raw: bytes) -> NewMessage:
@@ -121,6 +177,17 @@ def log_received(entry: NewMessage, request: ExchangeRequest | None) -> None:
         return
     log.info("request %s received from %s for %s (%d bytes)", entry.id, request.sender, entry.rcpt_to, entry.size)
     log.info("request %s parsed: %s", entry.id, describe(request))
+
+
+def numbers_rung(request: ExchangeRequest) -> list[str]:
+    """The numbers a request would make ring, for per-number rate limits. A sender's own phone
+    (filled in from the directory) is theirs to ring; dry runs ring nobody."""
+    if request.dry_run:
+        return []
+    numbers = [request.to_number] if request.to_number else []
+    if request.from_number and request.sources.get("from") != "directory" and request.from_number not in numbers:
+        numbers.append(request.from_number)
+    return numbers
 
 
 class GatewaySMTP(SMTP):
@@ -143,8 +210,13 @@ async def start_smtp(handler: IngressHandler, config: Config) -> asyncio.base_ev
     """Listen on ``smtp.listen`` in the running loop (no second loop or thread, unlike Controller)."""
     loop = asyncio.get_running_loop()
 
+    tls_context = server_context(config)
+    authenticator = DirectoryAuthenticator(handler.directory)
+
     def factory() -> SMTP:
-        return GatewaySMTP(handler, max_message_size=config.smtp.max_message_size,
-                           hostname=config.domains[0], ident="mailgw", loop=loop)
+        # AUTH is offered only after STARTTLS (aiosmtpd's auth_require_tls): no password in clear.
+        return GatewaySMTP(handler, max_message_size=config.smtp.max_message_size, hostname=config.domains[0],
+                           ident="mailgw", tls_context=tls_context, require_starttls=False,
+                           authenticator=authenticator, auth_require_tls=True, loop=loop)
 
     return await loop.create_server(factory, host=config.smtp.listen.host, port=config.smtp.listen.port)

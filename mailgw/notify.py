@@ -47,18 +47,33 @@ OUTCOME_STATUS = {
     "failed": "4.0.0",
     "invalid-number": "5.1.1",  # bad destination address
     "rejected": "5.7.1",        # delivery not authorised, refused
+    # camp-on and status monitor (mailgw/campon.py)
+    "camping": "4.2.0",         # not yet: the gateway keeps trying (the real code is the last attempt's)
+    "cancelled": "5.0.0",       # ended by the sender (or an admin) before it could connect
+    "refused": "5.7.1",         # refused by policy (limits, duplicate) after acceptance
+    "already-ended": "5.0.0",   # a cancel that came after the camp-on had ended
+    "unwatchable": "5.3.3",     # the PBX cannot report this phone's state
+    "line-state": "2.0.0",      # status monitor: the watched phone rang, answered or hung up
+    "monitored": "2.0.0",       # status monitor: the monitor time is over
 }
 
 OUTCOME_JA = {
     "answered": "接続", "dry-run": "確認のみ", "busy": "話し中", "no-answer": "応答なし",
     "unreachable": "圏外・電源オフ", "congestion": "回線混雑", "expired": "期限切れ", "failed": "失敗",
     "invalid-number": "番号が存在しません", "rejected": "着信拒否",
+    "camping": "待機中", "cancelled": "取消", "refused": "ポリシーにより拒否", "already-ended": "終了済み",
+    "unwatchable": "監視できません", "line-state": "状態通知", "monitored": "監視終了",
 }
 
 LANGUAGES = ("en", "ja")
 
 # Failures of the gateway itself (Result.reason); templates word them in their own language.
 REASONS = ("pbx-timeout", "interrupted", "expired")
+
+LINE_STATE_EN = {"idle": "free (hung up)", "in-use": "in use (answered)", "ringing": "ringing", "busy": "busy",
+                 "unavailable": "unavailable", "unknown": "unknown"}
+LINE_STATE_JA = {"idle": "空き（終話）", "in-use": "通話中（応答）", "ringing": "呼出中", "busy": "話し中",
+                 "unavailable": "圏外・電源オフ", "unknown": "不明"}
 
 
 @dataclass(frozen=True)
@@ -75,10 +90,16 @@ class Result:
     failed_number: str | None = None  # already masked when the request is confidential
     cause: int | None = None          # Q.850 cause of the failed leg, when the PBX gave one
     reason: str | None = None         # for failures of the gateway itself: see REASONS
+    # camp-on (mailgw/campon.py)
+    attempts: int | None = None       # calls placed; None when the request was no camp-on
+    deadline: datetime | None = None  # end of the monitor window
+    status_code: str | None = None    # overrides OUTCOME_STATUS (a "camping" notice: the last attempt's)
+    last_outcome: str | None = None   # outcome of the last attempt of a camp-on
+    events: tuple[tuple[datetime, str], ...] = ()  # status monitor: (when, line state) since the last mail
 
     @property
     def status(self) -> str:
-        return OUTCOME_STATUS.get(self.outcome, "4.0.0")
+        return self.status_code or OUTCOME_STATUS.get(self.outcome, "4.0.0")
 
 
 class Notifier:
@@ -90,14 +111,18 @@ class Notifier:
             autoescape=False, keep_trailing_newline=False, auto_reload=True,
         )
 
-    def result_mail(self, request: ExchangeRequest, result: Result) -> Message:
-        """The result (or failure) mail for the sender of ``request``."""
+    def result_mail(self, request: ExchangeRequest, result: Result, kind: str = "result") -> Message:
+        """The result (or failure) mail for the sender of ``request``.
+
+        ``kind`` names the template: ``result`` (how a request ended), ``campon`` (a camp-on has
+        started: the gateway keeps trying; reply "cancel" to stop), ``monitor`` (status monitor).
+        """
         language = request.language if request.language in LANGUAGES else "en"
         context = self._context(request, result)
         try:
-            subject, body = self._render(f"result.{language}.txt", context)
+            subject, body = self._render(f"{kind}.{language}.txt", context)
         except (TemplateError, OSError, ValueError) as exc:
-            log.error("template result.%s.txt failed (%s); using the built-in wording", language, exc)
+            log.error("template %s.%s.txt failed (%s); using the built-in wording", kind, language, exc)
             subject, body = _fallback(context)
         return self._compose(request, result, subject, body)
 
@@ -147,6 +172,13 @@ class Notifier:
             "cause": result.cause,
             "reason": result.reason,
             "domain": self.config.domains[0],
+            "attempts": result.attempts,
+            "deadline": _local(result.deadline) if result.deadline else "",
+            "last_outcome": result.last_outcome,
+            "last_outcome_ja": OUTCOME_JA.get(result.last_outcome or "", result.last_outcome),
+            "events": [(_local(at), state, LINE_STATE_EN.get(state, state), LINE_STATE_JA.get(state, state))
+                       for at, state in result.events],
+            "gateway_address": self.config.sender_address,
         }
 
     def _label(self, number: str | None, confidential: bool) -> str:

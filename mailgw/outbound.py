@@ -64,11 +64,13 @@ class Outbox:
         """Deliver due mail until ``stop()``; sleeps until the next retry is due or ``wake()``."""
         while not self._stopping:
             self._wake.clear()
-            for row in await self.store.due_outbox(utcnow()):
+            due, next_try = await self.store.due_outbox(utcnow())
+            for row in due:
                 if self._stopping:
                     return
                 await self._attempt(row)
-            next_try = await self.store.next_outbox_time()
+            if due:
+                continue  # attempts may have rescheduled rows; look again before sleeping
             timeout = None if next_try is None else max(0.0, (next_try - utcnow()).total_seconds())
             try:
                 async with asyncio.timeout(timeout):
@@ -81,18 +83,16 @@ class Outbox:
             await self._deliver(row)
         except PermanentFailure as exc:
             log.error("mail %s to %s failed for good: %s", row.id, row.rcpt_to, exc)
-            await self.store.outbox_retry(row.id, str(exc), None)
+            await self.store.outbox_retry(row, str(exc), None)
         except Exception as exc:  # connection refused, 4xx, timeouts: try again later
             next_try = self._next_try(row, utcnow())
             log.warning("mail %s to %s not delivered (%s); %s", row.id, row.rcpt_to, exc,
                         f"next try at {next_try:%H:%M:%S}" if next_try else "giving up")
-            await self.store.outbox_retry(row.id, str(exc), next_try)
+            await self.store.outbox_retry(row, str(exc), next_try)
         else:
             log.info("mail %s delivered to %s%s", row.id, row.rcpt_to,
                      f" (request {row.request_id})" if row.request_id else "")
-            await self.store.outbox_sent(row.id)
-            if row.request_id:
-                await self.store.add_stage(row.request_id, "notified", f"to {row.rcpt_to}")
+            await self.store.outbox_sent(row)
 
     def _next_try(self, row: OutboxRow, now: datetime) -> datetime | None:
         if (now - row.created_at).total_seconds() >= self.config.outbound.give_up_after:

@@ -25,10 +25,17 @@ Deny wins over allow; a number that matches no allow pattern is refused too. Bot
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from enum import StrEnum
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from .config import PolicyConfig
+from .auth import Sender, Trust, same_person
+from .config import GroupPolicy, PolicyConfig
 from .status import Refused
+
+if TYPE_CHECKING:  # request.py imports this module to check numbers while parsing
+    from .request import ExchangeRequest
 
 
 class PatternError(ValueError):
@@ -112,3 +119,75 @@ def check_rate(recent_count: int, policy: PolicyConfig, *, sender: str | None = 
     if recent_count >= limit:
         who = f" from {sender}" if sender else ""
         raise Refused(550, "5.7.1", f"rate limit: at most {limit} requests per hour{who}")
+
+
+# --- who may ask for what ------------------------------------------------------------------------
+#
+# The office policy above applies to every request. A directory group may narrow it (never widen
+# it): its own allow/deny patterns must be passed as well, and its action list replaces the
+# office's. The first group of the sender that has a policy is the one used.
+
+
+class Verdict(StrEnum):
+    EXECUTE = "execute"            # the request may make the PBX act
+    DELIVER_ONLY = "deliver-only"  # an unauthenticated request to a person: delivered, not executed
+
+
+def group_policy(policy: PolicyConfig, groups: Iterable[str]) -> tuple[str, GroupPolicy] | None:
+    by_name = dict(policy.groups)
+    for group in groups:
+        if group in by_name:
+            return group, by_name[group]
+    return None
+
+
+def authorise(request: ExchangeRequest, sender: Sender, *, to_person: bool, groups: tuple[str, ...],
+              policy: PolicyConfig) -> Verdict:
+    """May this request make the PBX act? Raises Refused (550 5.7.1) naming the rule when not."""
+    if sender.trust == Trust.NONE:
+        if to_person:
+            return Verdict.DELIVER_ONLY
+        raise Refused(550, "5.7.1", "authentication required to place calls: use SMTP AUTH after STARTTLS, "
+                                    "or send from a trusted network (security.trusted_networks)")
+    if sender.trust == Trust.AUTHENTICATED and not same_person(sender.login or "", request.sender):
+        raise Refused(550, "5.7.1", f"authenticated as {sender.login} but the mail is from {request.sender}")
+    chosen = group_policy(policy, groups)
+    actions, where = policy.actions, "policy.actions"
+    if chosen is not None and chosen[1].actions is not None:
+        actions, where = chosen[1].actions, f"policy.groups.{chosen[0]}.actions"
+    if str(request.action) not in actions:
+        raise Refused(550, "5.7.1", f"field 'action': '{request.action}' is not allowed for {request.sender} ({where})")
+    if chosen is not None:
+        name, group = chosen
+        narrowed = PolicyConfig(allow=group.allow if group.allow is not None else policy.allow,
+                                deny=group.deny if group.deny is not None else (),
+                                per_sender_per_hour=policy.per_sender_per_hour)
+        for field, number in (("to", request.to_number), ("from", request.from_number)):
+            if number is not None:
+                try:
+                    check_number(number, narrowed, field=field)
+                except Refused as refusal:
+                    raise Refused(refusal.reply.code, refusal.reply.status,
+                                  f"{refusal.reply.text} [policy.groups.{name}]") from None
+    return Verdict.EXECUTE
+
+
+def sender_limit(policy: PolicyConfig, groups: tuple[str, ...]) -> int:
+    chosen = group_policy(policy, groups)
+    if chosen is not None and chosen[1].per_sender_per_hour is not None:
+        return chosen[1].per_sender_per_hour
+    return policy.per_sender_per_hour
+
+
+def check_number_rate(number: str, last_minute: int, last_hour: int, policy: PolicyConfig) -> None:
+    """Refuse a request that would ring ``number`` more often than the policy allows.
+
+    The counts are of earlier requests (dry runs excluded: they ring nobody). This protects the
+    people at the other end: nobody's phone can be made to ring every few seconds by mail.
+    """
+    if last_minute >= policy.per_number_per_minute:
+        raise Refused(550, "5.7.1", f"rate limit: {number} was already called in the last minute "
+                                    f"(policy.per_number_per_minute = {policy.per_number_per_minute})")
+    if last_hour >= policy.per_number_per_hour:
+        raise Refused(550, "5.7.1", f"rate limit: {number} was already called {last_hour} times in the last hour "
+                                    f"(policy.per_number_per_hour = {policy.per_number_per_hour})")

@@ -42,6 +42,17 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages(state);
 CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender, received_at);
+CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
+
+CREATE TABLE IF NOT EXISTS audit (
+    at      TEXT NOT NULL,
+    peer    TEXT NOT NULL,                 -- client IP address
+    login   TEXT,                          -- SMTP AUTH identity, if any
+    sender  TEXT,                          -- envelope / From address
+    what    TEXT NOT NULL,                 -- what was asked (one line, numbers masked if confidential)
+    rule    TEXT NOT NULL,                 -- the rule that decided
+    reply   TEXT NOT NULL                  -- what the client was told
+);
 
 CREATE TABLE IF NOT EXISTS calls (
     id               TEXT PRIMARY KEY,  -- ChannelId on the PBX: <request id>-<attempt>
@@ -183,6 +194,7 @@ class Store:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
+        db.executescript(CAMPON_SCHEMA)
         self._db = db
 
     async def close(self) -> None:
@@ -306,6 +318,27 @@ class Store:
                                " AND received_at >= ?", (sender, _ts(since)))
         return int(rows[0][0])
 
+    async def count_rings_since(self, number: str, since: datetime) -> int:
+        """Requests since ``since`` that would ring ``number`` (dry runs ring nobody; a sender's own
+        phone, filled in from the directory, does not count against them)."""
+        rows = await self._run(self._query, """
+            SELECT COUNT(*) FROM messages
+             WHERE kind = 'request' AND received_at >= ? AND NOT json_extract(request, '$.dry_run')
+               AND (json_extract(request, '$.to_number') = ?
+                    OR (json_extract(request, '$.from_number') = ?
+                        AND COALESCE(json_extract(request, '$.sources.from'), '') != 'directory'))""",
+            (_ts(since), number, number))
+        return int(rows[0][0])
+
+    async def add_audit(self, *, peer: str, login: str | None, sender: str | None, what: str, rule: str,
+                        reply: str) -> None:
+        await self._commit([("INSERT INTO audit VALUES (?,?,?,?,?,?,?)",
+                             (_ts(utcnow()), peer, login, sender, what, rule, reply))])
+
+    async def audit_entries(self, limit: int = 100) -> list[dict[str, str | None]]:
+        rows = await self._run(self._query, "SELECT * FROM audit ORDER BY rowid DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
     async def list_messages(self, limit: int = 50) -> list[MessageRow]:
         rows = await self._run(self._query, "SELECT * FROM messages ORDER BY received_at DESC, id DESC LIMIT ?",
                                (limit,))
@@ -350,33 +383,158 @@ class Store:
             statements += _outbox_insert(notification)
         await self._commit(statements)
 
-    async def due_outbox(self, now: datetime) -> list[OutboxRow]:
-        rows = await self._run(self._query, "SELECT * FROM outbox WHERE state = 'queued' AND next_try <= ?"
-                               " ORDER BY next_try, id", (_ts(now),))
-        return [_outbox(r) for r in rows]
+    async def due_outbox(self, now: datetime, limit: int = 200) -> tuple[list[OutboxRow], datetime | None]:
+        """Queued mail due by ``now`` (at most ``limit``), and when the next one after them is due."""
+        rows = [_outbox(r) for r in await self._run(
+            self._query, "SELECT * FROM outbox WHERE state = 'queued' ORDER BY next_try, id LIMIT ?", (limit + 1,))]
+        due = [r for r in rows[:limit] if r.next_try <= now]
+        rest = rows[len(due):]
+        return due, rest[0].next_try if rest else None
 
-    async def next_outbox_time(self) -> datetime | None:
-        rows = await self._run(self._query, "SELECT MIN(next_try) FROM outbox WHERE state = 'queued'")
-        return _dt(rows[0][0])
+    async def outbox_sent(self, row: OutboxRow) -> None:
+        statements: Statements = [("UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL"
+                                   " WHERE id = ?", (row.id,))]
+        if row.request_id:
+            statements.append(("INSERT INTO stages VALUES (?,?,?,?)",
+                               (row.request_id, _ts(utcnow()), "notified", f"to {row.rcpt_to}")))
+        await self._commit(statements)
 
-    async def outbox_sent(self, outbox_id: str) -> None:
-        await self._commit([("UPDATE outbox SET state = 'sent', attempts = attempts + 1,"
-                                       " last_error = NULL WHERE id = ?", (outbox_id,))])
-
-    async def outbox_retry(self, outbox_id: str, error: str, next_try: datetime | None) -> None:
+    async def outbox_retry(self, row: OutboxRow, error: str, next_try: datetime | None) -> None:
         """Record a failed attempt; with no next_try the mail has failed for good."""
         if next_try is None:
-            sql, params = ("UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?"
-                           " WHERE id = ?", (error, outbox_id))
+            statements: Statements = [("UPDATE outbox SET state = 'failed', attempts = attempts + 1,"
+                                       " last_error = ? WHERE id = ?", (error, row.id))]
         else:
-            sql, params = ("UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_try = ? WHERE id = ?",
-                           (error, _ts(next_try), outbox_id))
-        await self._commit([(sql, params)])
+            statements = [("UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_try = ? WHERE id = ?",
+                           (error, _ts(next_try), row.id))]
+        if row.request_id:
+            stage = "mail-failed" if next_try is None else "mail-deferred"
+            statements.append(("INSERT INTO stages VALUES (?,?,?,?)",
+                               (row.request_id, _ts(utcnow()), stage, f"to {row.rcpt_to}: {error}")))
+        await self._commit(statements)
 
     async def outbox_for(self, request_id: str) -> list[OutboxRow]:
         rows = await self._run(self._query, "SELECT * FROM outbox WHERE request_id = ? ORDER BY created_at, id",
                                (request_id,))
         return [_outbox(r) for r in rows]
+
+    # --- camp-on (mailgw/campon.py; tables in CAMPON_SCHEMA at the end of this module) -------------
+
+    async def add_campon(self, *, id: str, kind: str, sender: str, caller: str | None, target: str,
+                         mode: str, priority: str, state: str, next_attempt: datetime, deadline: datetime,
+                         attempts: int = 0, calls: int = 0, last_outcome: str | None = None,
+                         finish_call: dict[str, Any] | None = None, stage_detail: str = "") -> None:
+        """Start a camp-on: its row, the request marked executing and a 'camping' stage, in one
+        transaction (with ``finish_call``, also the outcome of the attempt that led to it — so a crash
+        can neither lose the camp-on nor redial at once). IntegrityError: the pair already camps."""
+        now = _ts(utcnow())
+        statements: Statements = []
+        if finish_call is not None:
+            statements.append(_finish_call_sql(**finish_call))
+        statements += [
+            ("INSERT INTO campons (id, kind, sender, caller, target, mode, priority, state, attempts, calls,"
+             " created_at, next_attempt, deadline, last_outcome, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+             (id, kind, sender, caller, target, mode, priority, state, attempts, calls, now, _ts(next_attempt),
+              _ts(deadline), last_outcome, now)),
+            ("UPDATE messages SET state = ?, updated_at = ? WHERE id = ?", (MessageState.EXECUTING, now, id)),
+            ("INSERT INTO stages VALUES (?,?,?,?)", (id, now, "monitoring" if kind == "monitor" else "camping",
+                                                     stage_detail)),
+        ]
+        await self._commit(statements)
+
+
+    async def update_campon(self, campon_id: str, *, stage: str | None = None, detail: str = "",
+                            finish_call: dict[str, Any] | None = None, add_call: tuple[str, str, str] | None = None,
+                            notification: OutboxEntry | None = None, **columns: Any) -> None:
+        """Change a pending camp-on's columns (CAMPON_COLUMNS), optionally with a stage, a call's
+        outcome, a new call row (``add_call`` = (call id, from, to): written before its Originate)
+        and a queued mail, in one transaction."""
+        unknown = set(columns) - set(CAMPON_COLUMNS)
+        if unknown:
+            raise ValueError(f"not a camp-on column: {sorted(unknown)}")
+        now = _ts(utcnow())
+        statements: Statements = []
+        if finish_call is not None:
+            statements.append(_finish_call_sql(**finish_call))
+        if add_call is not None:
+            statements.append(("INSERT INTO calls (id, request_id, from_number, to_number, placed_at) VALUES (?,?,?,?,?)",
+                               (add_call[0], campon_id, add_call[1], add_call[2], now)))
+        if columns:
+            sets = ", ".join(f"{name} = ?" for name in columns)
+            statements.append((f"UPDATE campons SET {sets}, updated_at = ? WHERE id = ?",
+                               (*(_campon_value(k, v) for k, v in columns.items()), now, campon_id)))
+        if stage is not None:
+            statements.append(("INSERT INTO stages VALUES (?,?,?,?)", (campon_id, now, stage, detail)))
+        if notification is not None:
+            statements += _outbox_insert(notification)
+        await self._commit(statements)
+
+
+    async def finish_campon(self, campon_id: str, state: MessageState, *, outcome: str, status: str,
+                            detail: str, notification: OutboxEntry | None,
+                            finish_call: dict[str, Any] | None = None) -> None:
+        """End a camp-on: its row done, the request's outcome, the attempt's outcome and the result
+        mail, in one transaction (a crash can neither lose the notification nor send it twice)."""
+        now = _ts(utcnow())
+        statements: Statements = []
+        if finish_call is not None:
+            statements.append(_finish_call_sql(**finish_call))
+        statements += [
+            ("UPDATE campons SET state = 'done', outcome = ?, ended_at = ?, updated_at = ? WHERE id = ?",
+             (outcome, now, now, campon_id)),
+            ("UPDATE messages SET state = ?, outcome = ?, status = ?, detail = ?, updated_at = ? WHERE id = ?",
+             (state, outcome, status, detail, now, campon_id)),
+            ("INSERT INTO stages VALUES (?,?,?,?)", (campon_id, now, "outcome", f"{outcome} ({status}) {detail}")),
+        ]
+        if notification is not None:
+            statements += _outbox_insert(notification)
+        await self._commit(statements)
+
+
+    async def get_campon(self, campon_id: str) -> CamponRow | None:
+        rows = await self._run(self._query, "SELECT rowid, * FROM campons WHERE id = ?", (campon_id,))
+        return _campon(rows[0]) if rows else None
+
+
+    async def pending_campons(self) -> list[CamponRow]:
+        """Every camp-on and monitor not yet done, first come first."""
+        rows = await self._run(self._query, "SELECT rowid, * FROM campons WHERE state != 'done' ORDER BY rowid")
+        return [_campon(r) for r in rows]
+
+
+    async def list_campons(self, *, include_done: bool = False, limit: int = 1000) -> list[CamponRow]:
+        where = "" if include_done else "WHERE state != 'done' "
+        rows = await self._run(self._query, f"SELECT rowid, * FROM campons {where}ORDER BY rowid DESC LIMIT ?",
+                               (limit,))
+        return [_campon(r) for r in rows]
+
+
+    async def request_campon_cancel(self, campon_id: str, by: str) -> bool:
+        """Ask (durably) for a pending camp-on to be cancelled; False when none is pending under that id.
+        The runner acts on it: at once when it is the running gateway's own cancel, else at its next poll."""
+        rows = await self._run(self._query, "SELECT 1 FROM campons WHERE id = ? AND state != 'done'", (campon_id,))
+        if not rows:
+            return False
+        now = _ts(utcnow())
+        await self._commit([
+            ("UPDATE campons SET cancel_requested = COALESCE(cancel_requested, ?), updated_at = ?"
+             " WHERE id = ? AND state != 'done'", (by, now, campon_id)),
+            ("INSERT INTO stages VALUES (?,?,?,?)", (campon_id, now, "cancel-requested", f"by {by}")),
+        ])
+        return True
+
+
+    async def campon_cancels(self) -> list[tuple[str, str]]:
+        """(id, by) of pending camp-ons somebody asked to cancel."""
+        rows = await self._run(self._query, "SELECT id, cancel_requested FROM campons"
+                               " WHERE state != 'done' AND cancel_requested IS NOT NULL")
+        return [(r[0], r[1]) for r in rows]
+
+
+    async def stages_since(self, message_id: str, stage: str, since: datetime | None) -> list[tuple[datetime, str]]:
+        rows = await self._run(self._query, "SELECT at, detail FROM stages WHERE request_id = ? AND stage = ?"
+                               " AND at > ? ORDER BY rowid", (message_id, stage, _ts(since) or ""))
+        return [(_dt(r[0]), r[1]) for r in rows]  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -428,3 +586,89 @@ def _outbox(r: sqlite3.Row) -> OutboxRow:
 
 def hour_ago(now: datetime | None = None) -> datetime:
     return (now or utcnow()) - timedelta(hours=1)
+
+
+# --- camp-on (mailgw/campon.py) ---------------------------------------------------------------------
+# Kept apart from the core tables above: the camp-on runner's durable state. A pending camp-on is a
+# row whose state is not 'done'; its timers are next_attempt and deadline. Every attempt is also a
+# row in ``calls`` (id <request id>-<attempt>), written before the Originate like any other call.
+
+CAMPON_SCHEMA = """
+CREATE TABLE IF NOT EXISTS campons (
+    id               TEXT PRIMARY KEY REFERENCES messages(id),  -- the request id
+    kind             TEXT NOT NULL,       -- 'campon' (connect when free) or 'monitor' (status monitor)
+    sender           TEXT NOT NULL,       -- normalised address of the requester: who may cancel
+    caller           TEXT,                -- the number called first; NULL for a monitor
+    target           TEXT NOT NULL,       -- the destination (camp-on) or the watched phone (monitor)
+    mode             TEXT NOT NULL,       -- retry | watch | monitor
+    priority         TEXT NOT NULL,       -- normal | express
+    state            TEXT NOT NULL,       -- waiting (before 'at') | camping | dialling | done
+    attempts         INTEGER NOT NULL DEFAULT 0,  -- calls that reached the PBX
+    calls            INTEGER NOT NULL DEFAULT 0,  -- call rows written: the last call id is <id>-<calls>
+    created_at       TEXT NOT NULL,
+    next_attempt     TEXT NOT NULL,       -- not before this time (retry: the next redial)
+    deadline         TEXT NOT NULL,       -- the end of the monitor window
+    last_outcome     TEXT,                -- outcome of the last attempt (busy, no-answer, ...)
+    cancel_requested TEXT,                -- who asked to cancel (mail or `mailgw campons cancel`)
+    outcome          TEXT,                -- how it ended (answered, expired, cancelled, ...)
+    ended_at         TEXT,
+    notice_id        TEXT,                -- Message-ID of the "camping on" mail: replies cancel
+    reported_at      TEXT,                -- status monitor: when the last mail went out
+    updated_at       TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS campons_pair ON campons(caller, target) WHERE state != 'done' AND kind = 'campon';
+CREATE INDEX IF NOT EXISTS campons_pending ON campons(state) WHERE state != 'done';
+"""
+
+CAMPON_COLUMNS = ("state", "attempts", "calls", "next_attempt", "last_outcome", "cancel_requested", "notice_id",
+                  "reported_at")
+
+
+@dataclass(frozen=True)
+class CamponRow:
+    id: str
+    rowid: int                  # arrival order: first come, first served
+    kind: str
+    sender: str
+    caller: str | None
+    target: str
+    mode: str
+    priority: str
+    state: str
+    attempts: int
+    calls: int
+    created_at: datetime
+    next_attempt: datetime
+    deadline: datetime
+    last_outcome: str | None
+    cancel_requested: str | None
+    outcome: str | None
+    ended_at: datetime | None
+    notice_id: str | None
+    reported_at: datetime | None
+
+
+def _campon(r: sqlite3.Row) -> CamponRow:
+    return CamponRow(
+        id=r["id"], rowid=r["rowid"], kind=r["kind"], sender=r["sender"], caller=r["caller"], target=r["target"],
+        mode=r["mode"], priority=r["priority"], state=r["state"], attempts=r["attempts"], calls=r["calls"],
+        created_at=_dt(r["created_at"]), next_attempt=_dt(r["next_attempt"]),  # type: ignore[arg-type]
+        deadline=_dt(r["deadline"]), last_outcome=r["last_outcome"],  # type: ignore[arg-type]
+        cancel_requested=r["cancel_requested"], outcome=r["outcome"], ended_at=_dt(r["ended_at"]),
+        notice_id=r["notice_id"], reported_at=_dt(r["reported_at"]),
+    )
+
+
+def _campon_value(column: str, value: Any) -> Any:
+    return _ts(value) if isinstance(value, datetime) else value
+
+
+def _finish_call_sql(call_id: str, *, outcome: str, failed_party: str | None, cause: int | None,
+                     from_answered_at: datetime | None, to_answered_at: datetime | None,
+                     ended_at: datetime) -> tuple[str, tuple[Any, ...]]:
+    return ("UPDATE calls SET outcome = ?, failed_party = ?, cause = ?, from_answered_at = ?, to_answered_at = ?,"
+            " ended_at = ? WHERE id = ?",
+            (outcome, failed_party, cause, _ts(from_answered_at), _ts(to_answered_at), _ts(ended_at), call_id))
+
+
+

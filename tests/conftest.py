@@ -35,6 +35,9 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
             smtp=replace(base.smtp, listen=HostPort("127.0.0.1", 0)),
             pbx=replace(base.pbx, ami=replace(base.pbx.ami, port=0),
                         simulator=replace(base.pbx.simulator, time_scale=TIME_SCALE)),
+            # Tests ring the same demo phones over and over; the per-number limits (1/min by
+            # default) are tested on their own in test_security.py with the real defaults.
+            policy=replace(base.policy, per_number_per_minute=1000, per_number_per_hour=1000),
         )
         return replace(config, **overrides)  # type: ignore[arg-type]
     return make
@@ -103,7 +106,7 @@ async def submit(port: int, message: EmailMessage | bytes, *, mail_from: str | N
         mail_from = mail_from or message["From"].addresses[0].addr_spec
         rcpt_to = rcpt_to or [a.addr_spec for a in message["To"].addresses]
     assert mail_from is not None and rcpt_to
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10, start_tls=False)
     await client.connect()
     try:
         await client.ehlo()

@@ -73,3 +73,21 @@ def test_request_mail_carries_fields_attachments_and_an_inline_scenario(tmp_path
     parts = {p.get_content_type(): p for p in message.iter_attachments()}
     assert parts["audio/x-wav"].get_filename() == "memo.wav"
     assert parts["application/x-cti+yaml"].get_content().decode().startswith("scenario:\n  steps:\n    - play: voice")
+
+
+async def test_passwd_prints_a_hash_the_gateway_accepts() -> None:
+    from mailgw.auth import verify_secret
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mailgw.cli", "passwd", "--stdin",
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(b"a long passphrase\n"), 30)
+    assert proc.returncode == 0 and verify_secret("a long passphrase", out.decode().strip())
+
+
+async def test_passwd_refuses_a_short_password() -> None:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mailgw.cli", "passwd", "--stdin",
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(b"short\n"), 30)
+    assert proc.returncode == 1 and out == b"" and b"at least 8 characters" in err

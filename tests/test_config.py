@@ -72,3 +72,14 @@ def test_directory_resolves_people_and_refuses_duplicates(tmp_path: Path) -> Non
     path.write_text("people:\n - {address: a@x.example, extension: '1'}\n - {address: b@x.example, extension: '1'}\n")
     with pytest.raises(DirectoryError, match=r"people\[2\]: extension 1 is listed twice"):
         load_directory(path)
+
+
+def test_a_config_file_with_a_secret_readable_by_others_is_warned_about(tmp_path: Path) -> None:
+    from mailgw.config import readable_secrets_warning
+
+    path = tmp_path / "gw.yaml"
+    path.write_text("pbx: {ami: {secret: hunter2}}\n")
+    path.chmod(0o644)
+    assert "can be read by others (mode 644)" in readable_secrets_warning(path)
+    path.chmod(0o600)
+    assert readable_secrets_warning(path) is None

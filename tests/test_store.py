@@ -34,7 +34,8 @@ async def test_messages_calls_and_notifications_survive_reopening(tmp_path: Path
         await store.finish_request("q1", MessageState.DONE, outcome="answered", status="2.0.0", detail="ok",
                                    notification=notice)
         assert await store.unfinished_messages() == []
-        [queued] = await store.due_outbox(utcnow())
+        [queued], later = await store.due_outbox(utcnow())
+        assert later is None
         assert (queued.id, queued.rcpt_to, queued.request_id) == ("o1", "a@x.example", "q1")
         assert [s for _, s, _ in await store.stages("q1")] == ["received", "outcome", "mail-queued"]
         assert await store.count_requests_since("a@x.example", row.received_at) == 1

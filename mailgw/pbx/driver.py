@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING
 from . import ami
 from .ami import Field, Message, Parser
 from .port import CallOutcome, ConnectResult, Party, PbxError, PbxUnavailable
+from .port import LineCallback, LineState, line_state_of_device, line_state_of_status
 
 if TYPE_CHECKING:
     from mailgw.config import PbxConfig
@@ -760,6 +761,11 @@ class AmiPbx:
         self._by_uniqueid: dict[str, _Tracker] = {}
         self._by_channel: dict[str, _Tracker] = {}
         self._remove_listener: Callable[[], None] | None = None
+        # Line (extension/device) state watching, for camp-on: one listener for every number.
+        self._line_watchers: dict[str, list[LineCallback]] = {}
+        self._line_last: dict[str, LineState] = {}
+        self._resync_callbacks: list[Callable[[], None]] = []
+        self._remove_line_listener: Callable[[], None] | None = None
 
     async def start(self) -> None:
         if self._remove_listener is None:
@@ -778,6 +784,9 @@ class AmiPbx:
         if self._remove_listener is not None:
             self._remove_listener()
             self._remove_listener = None
+        if self._remove_line_listener is not None:
+            self._remove_line_listener()
+            self._remove_line_listener = None
         await self.client.close()
 
     async def find_call(self, call_id: str) -> bool:
@@ -882,3 +891,98 @@ class AmiPbx:
             twin = tracker.state.to_twin
             if twin is not None and twin not in self._by_channel:
                 self._by_channel[twin] = tracker
+
+    # --- line state (camp-on watch mode, status monitor) ------------------------------------------------
+    #
+    # ExtensionStatus (Exten in the dial context) and DeviceStateChange (Device PJSIP/<n>, or any
+    # <tech>/<n> or Custom:<n>) both report a change and come in either order (capture 05); the
+    # first one is passed on and the second, saying the same, is dropped (``_line_last``).
+
+    LINE_EVENTS = ("ExtensionStatus", "DeviceStateChange", "FullyBooted")
+
+    async def line_state(self, number: str) -> LineState:
+        """The phone's state now (AMI ExtensionState in the dial context)."""
+        check_number(number)
+        reply = await self.client.action("ExtensionState", Exten=number, Context=self.config.dial_context)
+        if not reply.ok:
+            raise PbxError(f"ExtensionState {number} refused: {reply.message}")
+        try:
+            state = line_state_of_status(int(reply.get("Status") or "-1"))
+        except ValueError:
+            state = LineState.UNKNOWN
+        if number in self._line_watchers:
+            self._line_last[number] = state
+        return state
+
+    def watch_line(self, number: str, callback: LineCallback) -> Callable[[], None]:
+        """``callback(number, state)`` on each change of ``number``'s state; returns the remover."""
+        check_number(number)
+        self._ensure_line_listener()
+        callbacks = self._line_watchers.setdefault(number, [])
+        callbacks.append(callback)
+
+        def remove() -> None:
+            current = self._line_watchers.get(number)
+            if current and callback in current:
+                current.remove(callback)
+                if not current:
+                    del self._line_watchers[number]
+                    self._line_last.pop(number, None)
+
+        return remove
+
+    def on_resync(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """``callback()`` once logged in again after a reconnect (events may have been missed)."""
+        self._ensure_line_listener()
+        self._resync_callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self._resync_callbacks:
+                self._resync_callbacks.remove(callback)
+
+        return remove
+
+    def _ensure_line_listener(self) -> None:
+        if self._remove_line_listener is None:
+            self._remove_line_listener = self.client.add_listener(self._on_line_event, *self.LINE_EVENTS)
+
+    def _on_line_event(self, msg: Message) -> None:
+        event = msg.event
+        if event == "FullyBooted":  # a new session: what we knew may be stale
+            self._line_last.clear()
+            if self._resync_callbacks:
+                asyncio.get_running_loop().create_task(self._resync())
+            return
+        if event == "ExtensionStatus":
+            context = msg.get("Context")
+            if context is not None and context != self.config.dial_context:
+                return
+            number = msg.get("Exten") or ""
+            try:
+                state = line_state_of_status(int(msg.get("Status") or "-1"))
+            except ValueError:
+                return
+        else:  # DeviceStateChange: PJSIP/2003, SIP/2003, Custom:2003; Local/... devices never match
+            device = msg.get("Device") or ""
+            number = device.rpartition("/")[2] if "/" in device else device.rpartition(":")[2]
+            state = line_state_of_device(msg.get("State") or "")
+        callbacks = self._line_watchers.get(number)
+        if not callbacks or self._line_last.get(number) is state:
+            return
+        self._line_last[number] = state
+        for callback in tuple(callbacks):
+            try:
+                callback(number, state)
+            except Exception:  # one faulty watcher must not break the others
+                log.exception("line watcher %r failed on %s %s", callback, number, state)
+
+    async def _resync(self) -> None:
+        try:
+            await self.client.wait_connected(self.client.connect_timeout * 2)
+        except PbxError:
+            return  # the session went again; the next FullyBooted tries again
+        for callback in tuple(self._resync_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("resync callback %r failed", callback)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class CallOutcome(StrEnum):
@@ -47,6 +47,37 @@ class ConnectResult:
     ended_at: datetime  # when the result was known (bridge or failure), not the hang-up
 
 
+class LineState(StrEnum):
+    """What a phone is doing, as the PBX reports it (Asterisk extension/device state, capture 05)."""
+
+    IDLE = "idle"                # Status 0 / NOT_INUSE
+    IN_USE = "in-use"            # 1 / INUSE (talking), 9 InUse&Ringing, 16 Hold
+    BUSY = "busy"                # 2 / BUSY (e.g. do-not-disturb)
+    UNAVAILABLE = "unavailable"  # 4 / UNAVAILABLE, INVALID (not registered, switched off)
+    RINGING = "ringing"          # 8 / RINGING
+    UNKNOWN = "unknown"          # -1: no hint, so the PBX cannot tell (external numbers)
+
+
+EXTENSION_STATUS_LINE = {0: LineState.IDLE, 1: LineState.IN_USE, 2: LineState.BUSY, 4: LineState.UNAVAILABLE,
+                         8: LineState.RINGING, 9: LineState.IN_USE, 16: LineState.IN_USE}
+DEVICE_STATE_LINE = {"NOT_INUSE": LineState.IDLE, "INUSE": LineState.IN_USE, "BUSY": LineState.BUSY,
+                     "UNAVAILABLE": LineState.UNAVAILABLE, "INVALID": LineState.UNAVAILABLE,
+                     "RINGING": LineState.RINGING, "RINGINUSE": LineState.IN_USE, "ONHOLD": LineState.IN_USE}
+
+
+def line_state_of_status(status: int) -> LineState:
+    """ExtensionState / ExtensionStatus ``Status:`` → LineState (unknown codes are UNKNOWN)."""
+    return EXTENSION_STATUS_LINE.get(status, LineState.UNKNOWN)
+
+
+def line_state_of_device(state: str) -> LineState:
+    """DeviceStateChange ``State:`` → LineState."""
+    return DEVICE_STATE_LINE.get(state.upper(), LineState.UNKNOWN)
+
+
+LineCallback = Callable[[str, LineState], None]
+
+
 class PbxError(Exception):
     """The PBX could not be asked (down, login refused, timed out). Temporary by nature."""
 
@@ -68,6 +99,19 @@ class PbxPort(Protocol):
 
     async def find_call(self, call_id: str) -> bool:
         """Whether a call placed with ``call_id`` is still up on the PBX (restart recovery)."""
+        ...
+
+    async def line_state(self, number: str) -> LineState:
+        """The phone's state now (AMI ExtensionState); UNKNOWN when the PBX has no hint for it."""
+        ...
+
+    def watch_line(self, number: str, callback: LineCallback) -> Callable[[], None]:
+        """Call ``callback(number, state)`` on every change of the phone's state, until the
+        returned function is called. Cheap: one PBX event listener serves every watched number."""
+        ...
+
+    def on_resync(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` after every (re)login: events may have been missed, ask again."""
         ...
 
 

@@ -1,0 +1,116 @@
+"""Who is sending: SMTP AUTH against the directory, trusted networks, and the trust decision.
+
+A request may cause a call only when the gateway knows who sent it:
+
+* the client authenticated with SMTP AUTH (PLAIN or LOGIN, offered only after STARTTLS) as a
+  person in the directory, and the mail's From is that person; or
+* the client connects from a trusted network (``security.trusted_networks``, loopback by
+  default), which vouches for its senders the way Postfix's ``mynetworks`` does.
+
+Anyone else may still mail a person (the mail is delivered), but cannot cause a call.
+
+Passwords are never stored: the directory holds ``scrypt$<n>$<r>$<p>$<salt>$<hash>`` made by
+``mailgw passwd``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from .directory import Directory, normalise_address
+
+log = logging.getLogger("mailgw.auth")
+
+# scrypt cost: about 50 ms a check on one core, 16 MiB of memory (OWASP's minimum is N=2**17 for
+# interactive logins; SMTP AUTH happens once a session, so this errs on the side of cost).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+def hash_secret(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    return "$".join(["scrypt", str(SCRYPT_N), str(SCRYPT_R), str(SCRYPT_P),
+                     base64.b64encode(salt).decode(), base64.b64encode(digest).decode()])
+
+
+def verify_secret(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+                                dklen=len(expected))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+class Trust(StrEnum):
+    AUTHENTICATED = "authenticated"      # SMTP AUTH as a person in the directory
+    TRUSTED_NETWORK = "trusted-network"  # the client's address is in security.trusted_networks
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Sender:
+    """What the gateway knows about the SMTP client of one message."""
+
+    trust: Trust
+    peer: str                    # client IP address, for the audit log
+    login: str | None = None     # the authenticated address, when trust is AUTHENTICATED
+
+
+def is_trusted_network(peer: str, networks: tuple[str, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def session_sender(session: Any, networks: tuple[str, ...]) -> Sender:
+    """The trust of an aiosmtpd session (its peer address and AUTH result)."""
+    peer = str(session.peer[0]) if session.peer else ""
+    if session.authenticated and isinstance(session.auth_data, str):
+        return Sender(Trust.AUTHENTICATED, peer, session.auth_data)
+    if is_trusted_network(peer, networks):
+        return Sender(Trust.TRUSTED_NETWORK, peer)
+    return Sender(Trust.NONE, peer)
+
+
+class DirectoryAuthenticator:
+    """aiosmtpd authenticator: PLAIN/LOGIN credentials checked against the directory's hashes.
+
+    On success the session's ``auth_data`` is the person's normalised address, which ingress then
+    compares with the From of every request sent in that session.
+    """
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode("utf-8", "replace")
+        person = self.directory.by_address(login)
+        password = auth_data.password.decode("utf-8", "replace")
+        if person is None or person.secret is None or not verify_secret(password, person.secret):
+            log.warning("AUTH %s failed for %r from %s", mechanism, login, session.peer[0] if session.peer else "?")
+            return AuthResult(success=False, handled=False)
+        log.info("AUTH %s as %s from %s", mechanism, person.address, session.peer[0] if session.peer else "?")
+        return AuthResult(success=True, auth_data=person.address)
+
+
+def same_person(login: str, address: str) -> bool:
+    return normalise_address(login) == normalise_address(address)

@@ -1,0 +1,62 @@
+"""Result mails: every outcome renders in both languages, and a broken template never loses one."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mailgw.config import load_config
+from mailgw.directory import load_directory
+from mailgw.notify import OUTCOME_STATUS, REASONS, Notifier, Result
+from mailgw.request import parse_request
+
+CONFIG = load_config(None)
+DIRECTORY = load_directory(CONFIG.directory)
+NOW = datetime(2026, 11, 23, 15, 4, tzinfo=UTC)
+
+
+def request_from(sender: str):
+    raw = f"From: {sender}\r\nTo: bob@a.example\r\nSubject: x\r\nMessage-ID: <m1@x>\r\n\r\naction: connect\r\n".encode()
+    return parse_request(raw, mail_from=sender, rcpt_to="bob@a.example", directory=DIRECTORY, config=CONFIG)
+
+
+def reparse(message) -> email.message.EmailMessage:
+    return email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+
+
+@pytest.mark.parametrize("sender", ["alice@a.example", "yamada@a.example"])
+@pytest.mark.parametrize("outcome", sorted(OUTCOME_STATUS))
+def test_every_outcome_renders_in_every_language(sender: str, outcome: str) -> None:
+    failed = outcome not in ("answered", "dry-run")
+    result = Result("r1", outcome, "detail sentence", NOW, answered_at=NOW if not failed else None,
+                    dry_run_plan="1. ring", failed_party="to" if failed and outcome != "failed" else None,
+                    failed_number="2001", cause=17, reason="expired" if outcome == "expired" else None)
+    mail = reparse(Notifier(CONFIG, DIRECTORY).result_mail(request_from(sender), result))
+    assert mail["X-CTI-Request"] == "r1" and mail["X-CTI-Outcome"] == outcome
+    assert mail["X-CTI-Status"] == OUTCOME_STATUS[outcome]
+    assert mail["In-Reply-To"] == "<m1@x>" and mail["Auto-Submitted"] == "auto-replied"
+    assert "[r1]" in mail["Subject"] and "\n" not in mail["Subject"]
+    assert "r1" in mail.get_content() and "{{" not in mail.get_content()
+
+
+def test_system_failure_reasons_are_worded_in_japanese() -> None:
+    for reason in REASONS:
+        result = Result("r1", "expired" if reason == "expired" else "failed", "English detail", NOW, reason=reason)
+        body = reparse(Notifier(CONFIG, DIRECTORY).result_mail(request_from("yamada@a.example"), result)).get_content()
+        assert "English detail" not in body
+
+
+def test_a_broken_template_falls_back_to_the_built_in_wording(tmp_path: Path, caplog) -> None:
+    shutil.copytree(CONFIG.templates, tmp_path / "templates")
+    (tmp_path / "templates" / "result.en.txt").write_text("Subject: {{ no_such_variable }}\n\nbody\n")
+    notifier = Notifier(replace(CONFIG, templates=tmp_path / "templates"), DIRECTORY)
+    mail = reparse(notifier.result_mail(request_from("alice@a.example"), Result("r1", "busy", "Bob was busy", NOW)))
+    assert mail["Subject"] == "Request r1: busy"
+    assert "Bob was busy" in mail.get_content()
+    assert "template result.en.txt failed" in caplog.text

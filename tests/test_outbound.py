@@ -1,0 +1,51 @@
+"""Outgoing mail is never lost: a result mail for an outside sender waits in the durable outbox
+while the smarthost is down, and arrives exactly once when it comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import replace
+
+from aiosmtpd.smtp import SMTP
+
+from mailgw.config import HostPort
+from mailgw.gateway import Gateway
+
+from .conftest import _SinkHandler, request_mail, submit, wait_stage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_result_mail_waits_for_the_smarthost_and_is_delivered_once(make_config) -> None:
+    port = free_port()
+    config = make_config()
+    config = replace(config, outbound=replace(config.outbound, smarthost=HostPort("127.0.0.1", port),
+                                              retry_interval=0.05, max_retry_interval=0.2))
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        reply = await submit(gw.smtp_port, request_mail("partner@b.example", "cti@a.example",
+                                                        "to: 2001\nfrom: 03-1234-5678\ndry-run: yes\n"))
+        request_id = reply.queue_id
+        detail = await wait_stage(gw.store, request_id, "mail-deferred")  # the smarthost is down
+        assert detail.startswith("to partner@b.example:")
+
+        received: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        sink = await loop.create_server(lambda: SMTP(_SinkHandler(received), loop=loop), "127.0.0.1", port)
+        try:
+            await wait_stage(gw.store, request_id, "notified")
+            _, rcpts, mail = await asyncio.wait_for(received.get(), 5)
+            assert rcpts == ["partner@b.example"] and mail["X-CTI-Request"] == request_id
+            [row] = await gw.store.outbox_for(request_id)
+            assert row.state == "sent" and row.attempts >= 2
+            assert received.empty()
+        finally:
+            sink.close()
+    finally:
+        await gw.stop()
