@@ -327,7 +327,8 @@ class Campons:
         """Refused when a request would break a camp-on rule: duplicates, limits, who may cancel."""
         if starts_campon(request) and not request.dry_run:
             assert request.from_number is not None and request.to_number is not None
-            check_limits(self._views(), request.from_number, request.to_number, self.cfg)
+            check_limits(self._views(request.from_number, request.to_number), request.from_number,
+                         request.to_number, self.cfg)
         elif request.action is Action.CANCEL:
             ref = request.request_ref or ""
             pending = self._pending.get(ref)
@@ -356,10 +357,11 @@ class Campons:
     def is_pending(self, request_id: str) -> bool:
         return request_id in self._pending
 
-    def _views(self) -> Iterable[PairView]:
-        for pending in self._pending.values():
-            if pending.kind == KIND_CAMPON and pending.caller is not None:
-                yield PairView(pending.id, pending.caller, pending.target)
+    def _views(self, caller: str, target: str) -> list[PairView]:
+        """The pending camp-ons that share a number with caller -> target (all the limits look at)."""
+        seen = {p.id: p for p in self._by_caller.get(caller, ())}
+        seen.update((p.id, p) for p in self._by_target.get(target, ()))
+        return [PairView(p.id, p.caller or "", p.target) for p in seen.values()]
 
     # --- what the dispatcher hands over ---------------------------------------------------------
 
@@ -406,7 +408,8 @@ class Campons:
         if kind == KIND_CAMPON:
             assert request.from_number is not None and request.to_number is not None
             try:
-                check_limits(self._views(), request.from_number, request.to_number, self.cfg)
+                check_limits(self._views(request.from_number, request.to_number), request.from_number,
+                             request.to_number, self.cfg)
             except Refused as refusal:
                 await self._refuse(row, request, refusal.reply.text, finish_call=finish_call,
                                    attempts=1 if first else 0)
@@ -876,7 +879,8 @@ class Campons:
         try:
             await self.store.finish_campon(pending.id, MessageState.DONE if ok else MessageState.FAILED,
                                            outcome=outcome, status=result.status, detail=detail,
-                                           notification=notification, finish_call=finish_call)
+                                           notification=notification, finish_call=finish_call,
+                                           attempts=pending.attempts)
         finally:
             self._unindex(pending)
         log.info("request %s outcome: %s (%s) %s", pending.id, outcome, result.status,

@@ -472,7 +472,7 @@ class Store:
 
     async def finish_campon(self, campon_id: str, state: MessageState, *, outcome: str, status: str,
                             detail: str, notification: OutboxEntry | None,
-                            finish_call: dict[str, Any] | None = None) -> None:
+                            finish_call: dict[str, Any] | None = None, attempts: int | None = None) -> None:
         """End a camp-on: its row done, the request's outcome, the attempt's outcome and the result
         mail, in one transaction (a crash can neither lose the notification nor send it twice)."""
         now = _ts(utcnow())
@@ -480,8 +480,8 @@ class Store:
         if finish_call is not None:
             statements.append(_finish_call_sql(**finish_call))
         statements += [
-            ("UPDATE campons SET state = 'done', outcome = ?, ended_at = ?, updated_at = ? WHERE id = ?",
-             (outcome, now, now, campon_id)),
+            ("UPDATE campons SET state = 'done', outcome = ?, attempts = COALESCE(?, attempts), ended_at = ?,"
+             " updated_at = ? WHERE id = ?", (outcome, attempts, now, now, campon_id)),
             ("UPDATE messages SET state = ?, outcome = ?, status = ?, detail = ?, updated_at = ? WHERE id = ?",
              (state, outcome, status, detail, now, campon_id)),
             ("INSERT INTO stages VALUES (?,?,?,?)", (campon_id, now, "outcome", f"{outcome} ({status}) {detail}")),

@@ -125,6 +125,18 @@ async def test_notify_no_sends_no_result_mail(gateway: Gateway) -> None:
     assert await gateway.store.outbox_for(request_id) == []
 
 
+async def test_confidential_request_keeps_its_numbers_out_of_logs_and_mail(gateway: Gateway, caplog) -> None:
+    caplog.set_level("INFO")
+    request_id = await run_request(gateway, "alice@a.example", "cti@a.example",
+                                   "to: 03-5555-0101\nfrom: 03-5555-0202\nconfidential: yes\n")
+    mail = await result_mail_in_maildir(gateway, request_id, "alice@a.example")
+    assert [(c.from_number, c.to_number) for c in placed_calls(gateway)] == [("0355550202", "0355550101")]
+    for secret in ("0355550101", "0355550202", "5555"):
+        assert secret not in caplog.text
+        assert secret not in mail.as_string()
+    assert "(confidential)" in mail.get_content()
+
+
 async def test_ordinary_mail_to_a_person_is_delivered_not_dialled(gateway: Gateway) -> None:
     reply = await submit(gateway.smtp_port, request_mail("alice@a.example", "bob@a.example",
                                                          "Lunch at noon?\n", subject="lunch"))

@@ -846,7 +846,8 @@ class AmiPbx:
             call_id=call_id, outcome=outcome, failed_party=party, cause=cause, started_at=state.started_at,
             from_answered_at=state.from_answered_at, to_answered_at=state.to_answered_at,
             ended_at=datetime.now(timezone.utc))
-        log.info("call %s: %s -> %s: %s%s", call_id, from_number, to_number, outcome.value,
+        # DEBUG: the driver cannot know a request is confidential; the dispatcher logs outcomes.
+        log.debug("call %s: %s -> %s: %s%s", call_id, from_number, to_number, outcome.value,
                  f" ({party.value} party, cause {cause})" if party else "")
         return result
 
