@@ -266,11 +266,9 @@ class Campons:
         """Resume every pending camp-on from the store, with its original deadline."""
         rows = await self.store.pending_campons()
         for row in rows:
-            # quiet: whether a request was confidential is in its message row; until a mail needs it,
-            # keep every resumed camp-on's numbers out of the log.
             pending = _Pending(row.id, row.rowid, row.kind, row.sender, row.caller, row.target, row.mode,
                                row.priority, row.state, row.attempts, row.calls, _epoch(row.next_attempt),
-                               _epoch(row.deadline), row.last_outcome, quiet=True)
+                               _epoch(row.deadline), row.last_outcome, quiet=row.confidential)
             self._seq = max(self._seq, row.rowid)
             if row.notice_id:
                 pending.notice_ids = [row.notice_id]

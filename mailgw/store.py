@@ -498,7 +498,10 @@ class Store:
 
     async def pending_campons(self) -> list[CamponRow]:
         """Every camp-on and monitor not yet done, first come first."""
-        rows = await self._run(self._query, "SELECT rowid, * FROM campons WHERE state != 'done' ORDER BY rowid")
+        rows = await self._run(self._query, """
+            SELECT c.rowid, c.*, COALESCE(json_extract(m.request, '$.confidential'), 1) AS confidential
+              FROM campons c LEFT JOIN messages m ON m.id = c.id
+             WHERE c.state != 'done' ORDER BY c.rowid""")
         return [_campon(r) for r in rows]
 
 
@@ -646,6 +649,7 @@ class CamponRow:
     ended_at: datetime | None
     notice_id: str | None
     reported_at: datetime | None
+    confidential: bool = True  # from the request; unknown counts as confidential
 
 
 def _campon(r: sqlite3.Row) -> CamponRow:
@@ -656,6 +660,7 @@ def _campon(r: sqlite3.Row) -> CamponRow:
         deadline=_dt(r["deadline"]), last_outcome=r["last_outcome"],  # type: ignore[arg-type]
         cancel_requested=r["cancel_requested"], outcome=r["outcome"], ended_at=_dt(r["ended_at"]),
         notice_id=r["notice_id"], reported_at=_dt(r["reported_at"]),
+        confidential=bool(r["confidential"]) if "confidential" in r.keys() else True,
     )
 
 

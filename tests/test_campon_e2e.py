@@ -307,6 +307,8 @@ async def test_restart_in_the_middle_of_a_camp_on_keeps_its_deadline_and_connect
     await second.start()
     try:
         assert [p["id"] for p in second.campons.snapshot()] == [request_id]
+        # Resumed with the request's own confidential flag (not confidential here): numbers shown.
+        assert [(r.id, r.confidential) for r in await second.store.pending_campons()] == [(request_id, False)]
         await wait_for(second.store, request_id, "attempt", lambda d: d.startswith("attempt 2:"))
         assert second.simulator is not None
         second.simulator.set_phone("2003", "answer")
