@@ -31,7 +31,7 @@ from .outbound import Outbox
 from .pbx.port import CallOutcome, ConnectResult, Party, PbxError, PbxPort, PbxUnavailable
 from .request import Action, ExchangeRequest, Trigger, describe
 from .status import Refused
-from .store import MessageRow, MessageState, Store, utcnow
+from .store import CallEnd, MessageRow, MessageState, Store, utcnow
 
 log = logging.getLogger("mailgw.dispatch")
 
@@ -129,16 +129,14 @@ class Dispatcher:
             detail = ("the gateway restarted while this call was being placed"
                       + ("; the call is still up on the PBX" if still_up else "")
                       + "; it was not dialled again so that nobody is called twice")
-            await self.store.finish_call(interrupted.id, outcome="failed", failed_party=None, cause=None,
-                                         from_answered_at=None, to_answered_at=None, ended_at=now)
-            await self._finish(row, request, Result(row.id, "failed", detail, row.received_at, reason="interrupted"))
+            await self._finish(row, request, Result(row.id, "failed", detail, row.received_at, reason="interrupted"),
+                               call=CallEnd(interrupted.id, "failed", ended_at=now))
             return
 
         call_id = f"{row.id}-{len(calls) + 1}"
-        await self.store.set_state(row.id, MessageState.EXECUTING, stage="executing", detail=f"call {call_id}")
         log.info("request %s executing: %s (call %s)", row.id, describe(request), call_id)
         async with self._calls:
-            await self.store.add_call(call_id, row.id, request.from_number, request.to_number)  # type: ignore[arg-type]
+            await self.store.start_call(row.id, call_id, request.from_number, request.to_number)  # type: ignore[arg-type]
             try:
                 result = await self.pbx.connect(call_id, request.from_number, request.to_number,  # type: ignore[arg-type]
                                                 ring_timeout=self.config.pbx.ring_timeout,
@@ -148,19 +146,18 @@ class Dispatcher:
                 return
             except PbxError as exc:
                 # The Originate may have reached the PBX: do not dial again.
-                await self.store.finish_call(call_id, outcome="failed", failed_party=None, cause=None,
-                                             from_answered_at=None, to_answered_at=None, ended_at=utcnow())
                 await self._finish(row, request, Result(row.id, "failed", f"the PBX did not answer in time ({exc})",
-                                                        row.received_at, reason="pbx-timeout"))
+                                                        row.received_at, reason="pbx-timeout"),
+                                   call=CallEnd(call_id, "failed"))
                 return
         self._pbx_failures = 0
         if self.campons is not None and request.retry and should_camp(result):
             await self.campons.after_first_attempt(row, request, call_id, result)
             return
-        await self.store.finish_call(call_id, outcome=result.outcome, failed_party=result.failed_party,
-                                     cause=result.cause, from_answered_at=result.from_answered_at,
-                                     to_answered_at=result.to_answered_at, ended_at=result.ended_at)
-        await self._finish(row, request, call_result(row, request, result))
+        await self._finish(row, request, call_result(row, request, result),
+                           call=CallEnd(call_id, str(result.outcome), result.failed_party and str(result.failed_party),
+                                        result.cause, result.from_answered_at, result.to_answered_at,
+                                        result.ended_at))
 
     async def _pbx_down(self, row: MessageRow, call_id: str, exc: Exception) -> None:
         """Nothing was dialled: forget the attempt and try again later, within the monitor window."""
@@ -184,7 +181,8 @@ class Dispatcher:
         except PbxError:
             return False
 
-    async def _finish(self, row: MessageRow, request: ExchangeRequest, result: Result) -> None:
+    async def _finish(self, row: MessageRow, request: ExchangeRequest, result: Result,
+                      call: CallEnd | None = None) -> None:
         ok = result.outcome in ("answered", "dry-run")
         notification = None
         if should_notify(request, result):
@@ -192,7 +190,7 @@ class Dispatcher:
             notification = await self.outbox.prepare(mail, rcpt_to=request.sender, request_id=row.id)
         await self.store.finish_request(row.id, MessageState.DONE if ok else MessageState.FAILED,
                                         outcome=result.outcome, status=result.status, detail=result.detail,
-                                        notification=notification)
+                                        notification=notification, call=call)
         log.info("request %s outcome: %s (%s) %s", row.id, result.outcome, result.status,
                  "" if request.confidential else result.detail)
         if notification is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from datetime import timedelta
 from typing import Any, Callable
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -25,7 +24,7 @@ from .request import ExchangeRequest, describe, parse_request
 from .routing import route_recipient
 from .spool import Spool, new_id
 from .status import Refused, Reply
-from .store import NewMessage, Store, hour_ago, utcnow
+from .store import NewMessage, Store, utcnow
 from .tls import server_context
 
 log = logging.getLogger("mailgw.ingress")
@@ -133,18 +132,20 @@ class IngressHandler:
     async def _check_rate(self, requests: list[tuple[str, ExchangeRequest | None]]) -> None:
         policy = self.config.policy
         asked = [r for _, r in requests if r is not None]
-        for sender in {r.sender for r in asked}:
+        if not asked:
+            return
+        senders = sorted({r.sender for r in asked})
+        numbers = sorted({n for r in asked for n in numbers_rung(r)})
+        by_sender, by_number = await self.store.recent_counts(senders, numbers, utcnow())
+        for sender in senders:
             person = self.directory.by_address(sender)
             limit = sender_limit(policy, person.groups if person else ())
-            recent = await self.store.count_requests_since(sender, hour_ago())
-            check_rate(recent + sum(1 for r in asked if r.sender == sender) - 1,
+            check_rate(by_sender[sender] + sum(1 for r in asked if r.sender == sender) - 1,
                        replace(policy, per_sender_per_hour=limit), sender=sender)
-        now = utcnow()
         rung: list[str] = []
         for request in asked:
             for number in numbers_rung(request):
-                last_minute = await self.store.count_rings_since(number, now - timedelta(minutes=1))
-                last_hour = await self.store.count_rings_since(number, now - timedelta(hours=1))
+                last_minute, last_hour = by_number[number]
                 earlier = rung.count(number)  # the same number twice in this one mail
                 check_number_rate(number, last_minute + earlier, last_hour + earlier, policy)
                 rung.append(number)

@@ -313,15 +313,8 @@ class Store:
                                " ORDER BY rowid", (message_id,))
         return [(_dt(r["at"]), r["stage"], r["detail"]) for r in rows]  # type: ignore[misc]
 
-    async def count_requests_since(self, sender: str, since: datetime) -> int:
-        rows = await self._run(self._query, "SELECT COUNT(*) FROM messages WHERE sender = ? AND kind = 'request'"
-                               " AND received_at >= ?", (sender, _ts(since)))
-        return int(rows[0][0])
-
-    async def count_rings_since(self, number: str, since: datetime) -> int:
-        """Requests since ``since`` that would ring ``number`` (dry runs ring nobody; a sender's own
-        phone, filled in from the directory, does not count against them)."""
-        rows = await self._run(self._query, """
+    def _count_rings(self, number: str, since: datetime) -> int:
+        rows = self._query("""
             SELECT COUNT(*) FROM messages
              WHERE kind = 'request' AND received_at >= ? AND NOT json_extract(request, '$.dry_run')
                AND (json_extract(request, '$.to_number') = ?
@@ -329,6 +322,19 @@ class Store:
                         AND COALESCE(json_extract(request, '$.sources.from'), '') != 'directory'))""",
             (_ts(since), number, number))
         return int(rows[0][0])
+
+    async def recent_counts(self, senders: list[str], numbers: list[str],
+                            now: datetime) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+        """For rate limits, in one trip to the store thread: each sender's requests in the last
+        hour, and for each number the requests that rang it in the last minute and hour."""
+        def count() -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+            hour = now - timedelta(hours=1)
+            by_sender = {s: int(self._query("SELECT COUNT(*) FROM messages WHERE sender = ? AND kind = 'request'"
+                                            " AND received_at >= ?", (s, _ts(hour)))[0][0]) for s in senders}
+            by_number = {n: (self._count_rings(n, now - timedelta(minutes=1)), self._count_rings(n, hour))
+                         for n in numbers}
+            return by_sender, by_number
+        return await self._run(count)
 
     async def add_audit(self, *, peer: str, login: str | None, sender: str | None, what: str, rule: str,
                         reply: str) -> None:
@@ -347,17 +353,23 @@ class Store:
     # --- calls ----------------------------------------------------------------------------------
 
     async def add_call(self, call_id: str, request_id: str, from_number: str, to_number: str) -> None:
-        await self._commit([(
-            "INSERT INTO calls (id, request_id, from_number, to_number, placed_at) VALUES (?,?,?,?,?)",
-            (call_id, request_id, from_number, to_number, _ts(utcnow())))])
+        await self._commit([_call_insert(call_id, request_id, from_number, to_number)])
+
+    async def start_call(self, message_id: str, call_id: str, from_number: str, to_number: str) -> None:
+        """The request is executing and this call is about to be placed: one transaction, written
+        before the Originate goes out (a restart finds the call row and will not dial again)."""
+        now = _ts(utcnow())
+        await self._commit([
+            ("UPDATE messages SET state = ?, updated_at = ? WHERE id = ?", (MessageState.EXECUTING, now, message_id)),
+            ("INSERT INTO stages VALUES (?,?,?,?)", (message_id, now, "executing", f"call {call_id}")),
+            _call_insert(call_id, message_id, from_number, to_number),
+        ])
 
     async def finish_call(self, call_id: str, *, outcome: str, failed_party: str | None, cause: int | None,
                           from_answered_at: datetime | None, to_answered_at: datetime | None,
                           ended_at: datetime) -> None:
-        await self._commit([(
-            "UPDATE calls SET outcome = ?, failed_party = ?, cause = ?, from_answered_at = ?, to_answered_at = ?,"
-            " ended_at = ? WHERE id = ?",
-            (outcome, failed_party, cause, _ts(from_answered_at), _ts(to_answered_at), _ts(ended_at), call_id))])
+        await self._commit([_call_finish(CallEnd(call_id, outcome, failed_party, cause, from_answered_at,
+                                                 to_answered_at, ended_at))])
 
     async def calls_for(self, request_id: str) -> list[CallRow]:
         rows = await self._run(self._query, "SELECT * FROM calls WHERE request_id = ? ORDER BY placed_at, id",
@@ -370,11 +382,12 @@ class Store:
         await self._commit(_outbox_insert(entry))
 
     async def finish_request(self, message_id: str, state: MessageState, *, outcome: str, status: str,
-                             detail: str, notification: "OutboxEntry | None") -> None:
-        """Record how a request ended and queue its notification in one transaction, so a crash
-        can neither lose the notification nor send it twice."""
+                             detail: str, notification: "OutboxEntry | None", call: "CallEnd | None" = None) -> None:
+        """Record how a request (and its last call) ended and queue its notification in one
+        transaction, so a crash can neither lose the notification nor send it twice."""
         now = _ts(utcnow())
-        statements: list[tuple[str, tuple[Any, ...]]] = [
+        statements: list[tuple[str, tuple[Any, ...]]] = [_call_finish(call)] if call is not None else []
+        statements += [
             ("UPDATE messages SET state = ?, outcome = ?, status = ?, detail = ?, updated_at = ? WHERE id = ?",
              (state, outcome, status, detail, now, message_id)),
             ("INSERT INTO stages VALUES (?,?,?,?)", (message_id, now, "outcome", f"{outcome} ({status}) {detail}")),
@@ -541,6 +554,31 @@ class Store:
 
 
 @dataclass(frozen=True)
+class CallEnd:
+    """How one placed call ended, as the calls table records it."""
+
+    call_id: str
+    outcome: str
+    failed_party: str | None = None
+    cause: int | None = None
+    from_answered_at: datetime | None = None
+    to_answered_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+def _call_insert(call_id: str, request_id: str, from_number: str, to_number: str) -> tuple[str, tuple[Any, ...]]:
+    return ("INSERT INTO calls (id, request_id, from_number, to_number, placed_at) VALUES (?,?,?,?,?)",
+            (call_id, request_id, from_number, to_number, _ts(utcnow())))
+
+
+def _call_finish(end: CallEnd) -> tuple[str, tuple[Any, ...]]:
+    return ("UPDATE calls SET outcome = ?, failed_party = ?, cause = ?, from_answered_at = ?, to_answered_at = ?,"
+            " ended_at = ? WHERE id = ?",
+            (end.outcome, end.failed_party, end.cause, _ts(end.from_answered_at), _ts(end.to_answered_at),
+             _ts(end.ended_at or utcnow()), end.call_id))
+
+
+@dataclass(frozen=True)
 class OutboxEntry:
     id: str
     request_id: str | None
@@ -586,9 +624,6 @@ def _outbox(r: sqlite3.Row) -> OutboxRow:
         next_try=_dt(r["next_try"]), last_error=r["last_error"],  # type: ignore[arg-type]
     )
 
-
-def hour_ago(now: datetime | None = None) -> datetime:
-    return (now or utcnow()) - timedelta(hours=1)
 
 
 # --- camp-on (mailgw/campon.py) ---------------------------------------------------------------------

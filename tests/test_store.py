@@ -38,7 +38,8 @@ async def test_messages_calls_and_notifications_survive_reopening(tmp_path: Path
         assert later is None
         assert (queued.id, queued.rcpt_to, queued.request_id) == ("o1", "a@x.example", "q1")
         assert [s for _, s, _ in await store.stages("q1")] == ["received", "outcome", "mail-queued"]
-        assert await store.count_requests_since("a@x.example", row.received_at) == 1
+        by_sender, by_number = await store.recent_counts(["a@x.example"], ["2001"], utcnow())
+        assert by_sender == {"a@x.example": 1} and by_number == {"2001": (0, 0)}  # its request has no to_number
     finally:
         await store.close()
 
