@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import humanfriendly
-import yaml
 from pytimeparse2 import parse as parse_seconds
 
 from .resources import shipped
+from .yamlfile import read_yaml
 
 
 class ConfigError(Exception):
@@ -170,14 +170,7 @@ def load_config(path: Path | None, *, data_dir: Path | None = None) -> Config:
     raw: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{path}: {exc.strerror}") from exc
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raw = read_yaml(path, ConfigError) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         base = Path(path).resolve().parent

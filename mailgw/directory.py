@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from email_validator import EmailNotValidError, validate_email
+
+from .yamlfile import read_yaml
 
 
 class DirectoryError(Exception):
@@ -64,12 +65,7 @@ def normalise_address(address: str) -> str | None:
 
 
 def load_directory(path: Path) -> Directory:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise DirectoryError(f"{path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise DirectoryError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, DirectoryError) or {}
     if not isinstance(raw, dict):
         raise DirectoryError(f"{path}: the top level must be a mapping with 'people'")
     people = []
