@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -37,6 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
+
+import machine  # bench/machine.py: run as `python bench/<name>.py`
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,16 +54,6 @@ def rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def phone_book(path: Path, n: int) -> None:
@@ -128,7 +118,7 @@ async def main(n: int, samples: int, idle_seconds: float) -> None:
         tracemalloc.start()
         heap0, rss0 = tracemalloc.get_traced_memory()[0], rss_kib()
         t0 = time.perf_counter()
-        ids = await create(gateway, n, "2h")
+        await create(gateway, n, "2h")
         created_s = time.perf_counter() - t0
         await asyncio.sleep(1.0)  # let the stage listeners, commits and AMI replies settle
         gc.collect()
@@ -166,8 +156,7 @@ async def main(n: int, samples: int, idle_seconds: float) -> None:
 
     latencies.sort()
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}, Python {platform.python_version()}, "
-          f"{platform.system()} {platform.release()}")
+    print(machine.describe())
     print(f"command: .venv/bin/python bench/campon_bench.py --campons {n} --samples {samples}")
     print(f"pending watch-mode camp-ons: {n} (created in {created_s:.1f} s, {n / created_s:.0f}/s)")
     print(f"memory per pending camp-on: {per_campon:.0f} B Python heap (tracemalloc), "

@@ -26,11 +26,9 @@ import argparse
 import asyncio
 import base64
 import os
-import platform
 import random
 import signal
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+import machine  # bench/machine.py: run as `python bench/<name>.py`
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -346,7 +346,7 @@ async def main() -> None:
         await stop_process(floor)
 
     print()
-    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}, {platform.system()}")
+    print(machine.describe())
     print(f"{'run':18} {'floor mails/s':>13} {'mailgw mails/s':>14} {'ratio':>6} "
           f"{'floor 250 p50/p99 ms':>21} {'mailgw 250 p50/p99 ms':>22} {'DATA->Originate p50/p99 ms':>27} {'calls/accepted':>15}")
     for label, a, b in rows:
@@ -374,16 +374,6 @@ async def wait_for_port(port: int, timeout: float = 30) -> None:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)  # the gateway is starting; nothing to await but its socket
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

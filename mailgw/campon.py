@@ -943,7 +943,7 @@ class Campons:
 
     async def _finish_monitor(self, pending: _Pending) -> None:
         events = tuple((_moment(at), state) for at, state in pending.events or ())
-        await self._finish(pending, "monitored", f"the monitor time is over"
+        await self._finish(pending, "monitored", "the monitor time is over"
                            + (f"; {len(events)} change(s) not mailed before are listed below" if events else ""),
                            events=events)
 

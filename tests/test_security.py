@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import ssl
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
