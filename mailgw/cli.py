@@ -26,6 +26,7 @@ from . import mailbox
 from .config import ConfigError, load_config, readable_secrets_warning
 from .directory import DirectoryError
 from .campon_cli import register as register_campons
+from .pbx.phone_cli import register as register_phone
 
 EX_TEMPFAIL = 75
 EX_UNAVAILABLE = 69
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(requests)
     requests.set_defaults(run=_requests)
     register_campons(sub)
+    register_phone(sub)
     return parser
 
 

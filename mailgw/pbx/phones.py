@@ -14,7 +14,8 @@ Phone book file (``pbx/phones.yaml``)::
     default: {behaviour: answer, answer_after: 3}   # any other number; leave out = unallocated
 
 Per entry: ``behaviour`` (below), ``answer_after`` (seconds of ringing before answering, for
-``answer``; default 0), ``talk_time`` (overrides the top-level one). Durations may be numbers of
+``answer``; default 0), ``talk_time`` (overrides the top-level one), ``fax`` (true: a fax
+machine that receives ``SendFAX``; default false). Durations may be numbers of
 seconds or strings such as ``"1.5s"`` / ``"2m"``.
 
 Behaviours (what a caller of the number experiences):
@@ -107,6 +108,7 @@ class PhoneSpec:
     behaviour: Behaviour = Behaviour.ANSWER
     answer_after: float = 0.0
     talk_time: float = DEFAULT_TALK_TIME
+    fax: bool = False  # a fax machine: SendFAX to it succeeds
 
 
 @dataclass(frozen=True)
@@ -231,15 +233,18 @@ def _entry(entry: Any, talk_time: float, where: str) -> PhoneSpec:
         entry = {"behaviour": entry}
     if not isinstance(entry, dict):
         raise PhoneBookError(f"{where}: must be a behaviour or a mapping")
-    unknown = set(entry) - {"behaviour", "answer_after", "talk_time"}
+    unknown = set(entry) - {"behaviour", "answer_after", "talk_time", "fax"}
     if unknown:
         raise PhoneBookError(f"{where}.{sorted(unknown)[0]}: unknown key "
-                             "(known: answer_after, behaviour, talk_time)")
+                             "(known: answer_after, behaviour, fax, talk_time)")
+    if not isinstance(entry.get("fax", False), bool):
+        raise PhoneBookError(f"{where}.fax: must be true or false")
     behaviour = parse_behaviour(entry.get("behaviour", "answer"), where)
     return PhoneSpec(
         behaviour=behaviour,
         answer_after=_duration(entry.get("answer_after", 0), f"{where}.answer_after"),
         talk_time=_duration(entry.get("talk_time", talk_time), f"{where}.talk_time"),
+        fax=entry.get("fax", False),
     )
 
 

@@ -28,8 +28,15 @@ events go to every logged-in session that has events on.
 
 Actions: Login, Challenge, Logoff, Ping, Events, Originate (Async or sync: a sync Originate
 holds back the session's events until its Response, as Asterisk does), Hangup, CoreShowChannels,
-ExtensionState, ExtensionStateList, CoreSettings, CoreStatus, and the simulator-only actions
-below. Anything else: ``Invalid/unknown command: X. Use Action: ListCommands ...``.
+ExtensionState, ExtensionStateList, CoreSettings, CoreStatus, and (``sim_manager``) Redirect,
+Status, BridgeList, DBPut/DBGet/DBGetTree/DBDel/DBDelTree, Setvar/Getvar (``DEVICE_STATE(...)``,
+globals), Command (devstate change, core show version/hints), ListCommands, ConfbridgeList,
+ConfbridgeListRooms, ConfbridgeKick; and the simulator-only actions below (``SimIncoming`` in
+``sim_incoming``). What channels do is read from dial plans as data (``dialplan``): the product
+plan (``mailgw-dial``/``mailgw-connect``) plus any YAML given as ``dialplans=`` (e.g.
+``pbx/dialplans/ami-test.yaml``, the context of the reference captures; see
+tests/pbx/test_pbx_replay.py). Playback, SendFAX, ChanSpy and ConfBridge run as applications;
+``media_log`` shows what each phone heard and each fax received. Anything else: ``Invalid/unknown command: X. Use Action: ListCommands ...``.
 
 The dial plan it emulates
 -------------------------
@@ -98,6 +105,7 @@ import re
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -106,6 +114,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .ami import Field, Message, Parser
+from .dialplan import Extension, Step, load_dialplans, product_dialplan
+from .sim_incoming import IncomingCalls
+from .sim_manager import MANAGER_ACTIONS, ManagerActions
+from .media import DEFAULT_PLAY_SECONDS, MediaRecord, describe_media, play_seconds
 from .phones import (
     EXTENSION_STATUS,
     Behaviour,
@@ -138,6 +150,8 @@ LOGIN_FAILURE_DELAY = 1.0
 MAX_WRITE_BUFFER = 8 * 1024 * 1024  # a client this far behind is dropped, like Asterisk's writetimeout
 MAX_PENDING_INPUT = 1024 * 1024  # unterminated input a client may leave in our buffer
 RING_TIMEOUT_VARIABLE = "MAILGW_RING_TIMEOUT"
+SAME_TIME = 0.25  # simulated seconds: steps ending this close end in the caller's order (05b)
+CALLER_APPLICATIONS = frozenset({"playback", "sendfax", "receivefax", "chanspy", "confbridge"})
 _DIALABLE = re.compile(r"\+?[0-9*#]{1,40}")
 
 STATE_DESC = {0: "Down", 4: "Ring", 5: "Ringing", 6: "Up", 7: "Busy"}
@@ -150,6 +164,7 @@ CAUSE_TEXT = {
     18: "No user responding",
     19: "User alerting, no answer",
     20: "Subscriber absent",
+    26: "Answered elsewhere",
     21: "Call Rejected",
     27: "Destination out of order",
     28: "Invalid number format (addressing incomplete)",
@@ -180,6 +195,8 @@ class Channel:
     app_data: str = ""
     bridge_id: str = ""
     created: float = field(default_factory=time.monotonic)
+    variables: dict[str, str] = field(default_factory=dict)
+    gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # set when it hangs up
 
 
 def channel_fields(ch: Channel, prefix: str = "") -> list[Field]:
@@ -277,6 +294,8 @@ class CallRecord:
     from_answered_at: float | None = None
     to_answered_at: float | None = None
     ended_at: float | None = None
+    direction: str = "outbound"  # "incoming" for SimIncoming calls from outside
+    answered_by: str | None = None  # incoming calls: the extension that answered
 
     @property
     def outcome(self) -> CallOutcome | None:
@@ -313,6 +332,8 @@ def call_record_fields(rec: CallRecord) -> list[Field]:
         ("FromAnsweredAt", opt(rec.from_answered_at)),
         ("ToAnsweredAt", opt(rec.to_answered_at)),
         ("EndedAt", opt(rec.ended_at)),
+        ("Direction", rec.direction),
+        ("AnsweredBy", opt(rec.answered_by)),
     ]
 
 
@@ -365,6 +386,21 @@ class OriginateRequest:
     is_async: bool
 
 
+@dataclass
+class _Callee:
+    """What the ``;2`` side of a Local pair does, read from its dial-plan steps: how it answers
+    (or not), how long it then stays up, what it plays, and the device states it sets."""
+
+    attempt: CallAttempt | None  # None: decided when it rings, from the phone (Dial(PJSIP/n))
+    answer_after: float = 0.0
+    talk_time: float = 0.0
+    phone: Phone | None = None
+    app: tuple[str, str] = ("", "")  # application/data shown while it rings (CoreShowChannels)
+    on_ring: list[tuple[str, str]] = field(default_factory=list)  # Set(DEVICE_STATE(dev)=state)
+    on_end: list[tuple[str, str]] = field(default_factory=list)
+    plays: list[str] = field(default_factory=list)  # Playback files after answering
+
+
 @dataclass(eq=False)
 class _Leg:
     """A Local channel pair ringing one number: ``one`` is the caller's side, ``two`` the phone's."""
@@ -373,8 +409,13 @@ class _Leg:
     context: str
     one: Channel
     two: Channel
-    phone: Phone | None
+    callee: _Callee | None  # None: no such extension
     local_inuse_sent: bool = False
+    answered: bool = False
+
+    @property
+    def phone(self) -> Phone | None:
+        return self.callee.phone if self.callee is not None else None
 
     @property
     def device(self) -> str:
@@ -391,6 +432,31 @@ class _Call:
     b: _Leg | None = None
     reported: bool = False
     task: asyncio.Task[None] | None = None
+    redirect: asyncio.Future[tuple[str, str, int]] | None = None  # a Redirect action's target
+    callee_end: float = math.inf  # loop time when the answered first party's own steps end
+
+
+class _Redirected(Exception):
+    """A Redirect action moved the first party's ``;1`` to (context, exten, priority)."""
+
+
+@dataclass(eq=False)
+class _Member:
+    channel: Channel
+    kicked: asyncio.Future[None]
+    joined: float
+
+
+@dataclass(eq=False)
+class _Conference:
+    room: str
+    bridge_id: str
+    members: list[_Member] = field(default_factory=list)
+
+    def bridge_fields(self) -> list[Field]:
+        return [("BridgeUniqueid", self.bridge_id), ("BridgeType", "base"), ("BridgeTechnology", "softmix"),
+                ("BridgeCreator", "ConfBridge"), ("BridgeName", self.room),
+                ("BridgeNumChannels", str(len(self.members))), ("BridgeVideoSourceMode", "none")]
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -491,7 +557,7 @@ def response(request: Message, status: str, *fields: Field) -> Message:
 ActionHandler = Callable[["_Session", Message], Any]
 
 
-class AmiSimulator:
+class AmiSimulator(ManagerActions, IncomingCalls):
     """An Asterisk-like AMI server with simulated phones. See the module docstring."""
 
     def __init__(
@@ -503,6 +569,8 @@ class AmiSimulator:
         time_scale: float = 1.0,
         dial_context: str = "mailgw-dial",
         connect_context: str = "mailgw-connect",
+        dialplans: Iterable[str | Path] = (),
+        media_dirs: Iterable[str | Path] = (),
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -516,6 +584,18 @@ class AmiSimulator:
         self.time_scale = time_scale
         self.dial_context = dial_context
         self.connect_context = connect_context
+        self.dialplan = load_dialplans(
+            dialplans, product_dialplan(dial_context, connect_context, RING_TIMEOUT_VARIABLE))
+        self.media_dirs = [Path(d) for d in media_dirs]
+        self.device_states: dict[str, DeviceState] = {
+            device: DeviceState.NOT_INUSE for _, _, device in self.dialplan.hints()
+            if not device.startswith("PJSIP/")}
+        self.global_vars: dict[str, str] = {}
+        self.astdb: dict[str, str] = {}  # "/Family/Key" -> value, as Asterisk's AstDB
+        self.media_log: list[MediaRecord] = []
+        self.conferences: dict[str, _Conference] = {}
+        self._local_use: Counter[str] = Counter()
+        self._trunk_seq = 0
         self.calls: list[CallRecord] = []
         self.phones: dict[str, Phone] = {
             number: Phone(number, spec, hinted=True) for number, spec in self.book.phones.items()
@@ -547,6 +627,8 @@ class AmiSimulator:
             "corestatus": self._action_core_status,
             "simphone": self._action_sim_phone,
             "simcalls": self._action_sim_calls,
+            "simincoming": self._action_sim_incoming,
+            **{name: getattr(self, method) for name, method in MANAGER_ACTIONS.items()},
         }
 
     @classmethod
@@ -558,6 +640,7 @@ class AmiSimulator:
             time_scale=pbx.simulator.time_scale,
             dial_context=pbx.dial_context,
             connect_context=pbx.connect_context,
+            dialplans=getattr(pbx.simulator, "dialplans", ()),
         )
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -637,6 +720,7 @@ class AmiSimulator:
         name = msg.get("Action")
         if not name:
             session.respond(msg, "Error", ("Message", "Missing action in request"))
+            self._request_bad_format(session, "Action: NONE")
             return
         key = name.lower()
         if not session.authenticated and key not in ("login", "challenge", "logoff"):
@@ -646,6 +730,7 @@ class AmiSimulator:
         if handler is None:
             session.respond(msg, "Error", ("Message", f"Invalid/unknown command: {name}. "
                                                       "Use Action: ListCommands to show available commands."))
+            self._request_bad_format(session, f"Action: {name}")
             return
         try:
             result = handler(session, msg)
@@ -654,6 +739,15 @@ class AmiSimulator:
         except Exception:  # one bad request must not take the session (or the PBX) down
             log.exception("AMI simulator: action %s failed", name)
             session.respond(msg, "Error", ("Message", f"Internal error handling {name}"))
+
+    def _request_bad_format(self, session: _Session, request_type: str) -> None:
+        """07c: a security event for a request Asterisk could not run (sent only to logged-in
+        sessions, like every event)."""
+        fields = self._security_event("RequestBadFormat", session, "Error", "1",
+                                      ("RequestType", request_type), ("SessionTV", _event_tv(session.started)))
+        account = fields.pop(6)  # Asterisk puts AccountID last in this event
+        fields.append(account)
+        self._broadcast(fields)
 
     def _broadcast(self, fields: list[Field]) -> None:
         data = Message._trusted(fields).encode()
@@ -730,7 +824,7 @@ class AmiSimulator:
     def _action_core_settings(self, session: _Session, msg: Message) -> None:
         session.respond(
             msg, "Success", ("AMIversion", AMI_VERSION), ("AsteriskVersion", ASTERISK_VERSION),
-            ("SystemName", "mailgw-simulator"), ("CoreMaxCalls", "0"), ("CoreMaxLoadAvg", "0.000000"),
+            ("SystemName", ""), ("CoreMaxCalls", "0"), ("CoreMaxLoadAvg", "0.000000"),
             ("CoreRunUser", ""), ("CoreRunGroup", ""), ("CoreMaxFilehandles", "0"),
             ("CoreRealTimeEnabled", "No"), ("CoreCDRenabled", "No"), ("CoreHTTPenabled", "No"),
             ("SoundsSearchCustomDir", "No"))
@@ -777,17 +871,22 @@ class AmiSimulator:
             return
         context = msg.get("Context") or "default"
         phone = self.phones.get(exten) if context == self.dial_context else None
-        if phone is None or not phone.hinted:
+        hint = phone.device if phone is not None and phone.hinted else self.dialplan.hint(context, exten)
+        if hint is None:
             fields = [("Exten", exten), ("Context", context), ("Hint", ""), ("Status", "-1"),
                       ("StatusText", "Unknown")]
         else:
-            status, text = EXTENSION_STATUS[phone.device_state]
-            fields = [("Exten", exten), ("Context", context), ("Hint", phone.device), ("Status", str(status)),
+            status, text = EXTENSION_STATUS[self.device_state(hint)]
+            fields = [("Exten", exten), ("Context", context), ("Hint", hint), ("Status", str(status)),
                       ("StatusText", text)]
         session.respond(msg, "Success", ("Message", "Extension Status"), *fields)
 
     def _action_extension_state_list(self, session: _Session, msg: Message) -> None:
         items = []
+        for context, exten, hint in self.dialplan.hints():
+            status, text = EXTENSION_STATUS[self.device_state(hint)]
+            items.append([("Exten", exten), ("Context", context), ("Hint", hint), ("Status", str(status)),
+                          ("StatusText", text)])
         for number in sorted(self.phones):
             phone = self.phones[number]
             if phone.hinted:
@@ -943,6 +1042,10 @@ class AmiSimulator:
             if call.sync_result is not None and not call.sync_result.done():
                 call.sync_result.set_result(False)
             for leg in (call.a, call.b):
+                if leg is not None and leg.answered and leg.callee is not None:
+                    for device, state in leg.callee.on_end:
+                        self.set_device_state(device, state)
+            for leg in (call.a, call.b):
                 if leg is not None:
                     self._release_leg(leg)
             if call.record.ended_at is None:
@@ -967,7 +1070,7 @@ class AmiSimulator:
         name, num = req.caller_id
         for ch in (a.one, a.two):
             ch.caller_name, ch.caller_num, ch.connected_name, ch.connected_num = name, num, name, num
-        if context != self.dial_context or not _DIALABLE.fullmatch(number):
+        if a.callee is None:
             self._missing_extension(call, a)
             return
         self._broadcast(local_bridge_event(a.one, a.two))
@@ -979,13 +1082,88 @@ class AmiSimulator:
             return
         rec.from_outcome = CallOutcome.ANSWERED
         rec.from_answered_at = time.time()
-        if req.application:
-            await self._run_application(call, a)
-        elif req.context == self.connect_context:
-            await self._connect_second_party(call, a)
-        else:
+        await self._run_caller_side(call, a)
+
+    async def _run_caller_side(self, call: _Call, a: _Leg) -> None:
+        """The answered ``;1`` runs the Originate's application, or its Context/Exten steps; a
+        Redirect action moves it to other steps, as many times as it comes."""
+        req = call.request
+        talk = a.callee.talk_time if a.callee else 0.0
+        loop = asyncio.get_running_loop()
+        call.callee_end = loop.time() + (talk * self.time_scale if not math.isinf(talk) else math.inf)
+        call.redirect = loop.create_future()
+        target = (req.context or "", req.exten or "", req.priority)
+        first = True
+        while True:
+            try:
+                if first and req.application:
+                    await self._run_application(call, a, Step(req.application, req.data or ""))
+                else:
+                    await self._run_extension(call, a, *target)
+                return
+            except _Redirected as moved:
+                target, first = moved.args[0], False
+                call.redirect = loop.create_future()
+                a.one.context, a.one.exten, a.one.priority = target
+
+    async def _run_extension(self, call: _Call, a: _Leg, context: str, exten: str, priority: int) -> None:
+        """``;1`` runs ``exten@context`` step by step; it ends when the steps end (or Hangup), when
+        the answered party's own steps end, or when a Hangup action comes."""
+        extension = self.dialplan.lookup(context, exten)
+        if extension is None:
             self._report(call, success=True, reason=4)
-            await self._stay_up(call, a)
+            if context in self.dialplan.contexts:  # a known context without that extension
+                if context == self.connect_context:
+                    call.record.to_number, call.record.to_outcome = exten, CallOutcome.INVALID
+                self._end_first_leg(a, 16)
+            else:  # a context the simulator does not know: stay up while the phone talks
+                await self._stay_up(call, a, math.inf)
+            call.record.ended_at = time.time()
+            return
+        variables = {**call.request.variables, "EXTEN": exten}
+        for index, step in enumerate(extension.steps[max(0, priority - 1):], start=max(1, priority)):
+            name, args = step.name, step.args(variables)
+            a.one.priority = index
+            if name == "set":
+                assignment = _device_state_assignment(args)
+                if assignment is not None:
+                    self.set_device_state(*assignment)
+            elif name == "dial" and args:
+                await self._connect_second_party(call, a, args)
+                return
+            elif name in ("chanspy", "confbridge", "sendfax", "receivefax"):
+                await self._run_application(call, a, Step(step.app, ",".join(args)))
+                return
+            elif name in ("wait", "playback"):
+                self._report(call, success=True, reason=4)
+                a.one.application, a.one.app_data = step.app, ",".join(args)
+                seconds = _float_arg(args, 0.0) if name == "wait" else sum(
+                    play_seconds(self._record_media("heard", f, a.number, a.two, call))
+                    for f in ",".join(args).split("&") if f)
+                if not await self._step_time(call, a, seconds):
+                    return
+                if name == "playback":
+                    self._broadcast([("Event", "VarSet"), ("Privilege", "dialplan,all"),
+                                     *channel_fields(a.one), ("Variable", "PLAYBACKSTATUS"), ("Value", "SUCCESS")])
+            elif name == "hangup":
+                break
+        self._report(call, success=True, reason=4)
+        self._end_first_leg(a, 16)
+        call.record.ended_at = time.time()
+
+    async def _step_time(self, call: _Call, a: _Leg, seconds: float) -> bool:
+        """Let a step's time pass. False (and the call is ended) when the answered party's steps
+        ended first or a Hangup action came."""
+        loop = asyncio.get_running_loop()
+        left = (call.callee_end - loop.time()) / self.time_scale
+        if await self._pause(call, min(seconds, max(0.0, left))) and seconds <= left + SAME_TIME:
+            return True
+        if call.hangup.done():
+            self._end_first_leg(a, call.hangup.result())
+        else:
+            self._end_by_callee(a)
+        call.record.ended_at = time.time()
+        return False
 
     # --- legs -----------------------------------------------------------------------------------------
 
@@ -1000,9 +1178,65 @@ class AmiSimulator:
         two = Channel(f"{base};2", uid2, linked, context, number, state=4, call=call)
         self._channels[one.name] = one
         self._channels[two.name] = two
-        phone = self._phone(number) if context == self.dial_context else None
-        two.application, two.app_data = ("Dial", f"PJSIP/{number}") if phone else ("", "")
-        return _Leg(number, context, one, two, phone)
+        extension = self.dialplan.lookup(context, number)
+        callee = None
+        if extension is not None:
+            callee = self._callee_of(extension, {**call.request.variables, "EXTEN": number})
+            two.application, two.app_data = callee.app
+        return _Leg(number, context, one, two, callee)
+
+    def _callee_of(self, extension: Extension, variables: dict[str, str]) -> _Callee:
+        """Read a ``;2`` side's dial-plan steps into how it answers and how long it stays up."""
+        callee = _Callee(attempt=None)
+        answered = ringing = False
+        for step in extension.steps:
+            name, args = step.name, step.args(variables)
+            if name == "dial" and not answered:
+                tech, _, resource = (args[0] if args else "").partition("/")
+                phone = self._phone(resource.partition("@")[0]) if tech.upper() == "PJSIP" else None
+                callee.phone, callee.app = phone, ("Dial", args[0] if args else "")
+                if phone is None:
+                    callee.attempt = CallAttempt.UNALLOCATED
+                else:
+                    callee.answer_after, callee.talk_time = phone.spec.answer_after, phone.spec.talk_time
+                return callee
+            if name == "set":
+                device_state = _device_state_assignment(args)
+                if device_state is not None:
+                    (callee.on_end if answered else callee.on_ring).append(device_state)
+            elif name == "ringing":
+                ringing = True
+            elif name == "wait":
+                seconds = _float_arg(args, 0.0)
+                if answered:
+                    callee.talk_time += seconds
+                elif ringing:
+                    callee.answer_after += seconds
+            elif name in ("answer", "playback", "confbridge", "sendfax", "receivefax", "chanspy") and not answered:
+                answered = True
+                callee.attempt = CallAttempt.RING_THEN_ANSWER
+            if name == "playback":
+                callee.plays.append(args[0] if args else "")
+                callee.talk_time += DEFAULT_PLAY_SECONDS
+            elif name in ("confbridge", "chanspy"):
+                callee.talk_time = math.inf
+            elif name in ("busy", "congestion") and not answered:
+                callee.attempt = CallAttempt.BUSY if name == "busy" else CallAttempt.CONGESTION
+                callee.app = (step.app, step.data)
+                return callee
+            elif name == "hangup":
+                if not answered:
+                    cause = int(_float_arg(args, 16))
+                    callee.attempt = {20: CallAttempt.UNREACHABLE, 1: CallAttempt.UNALLOCATED}.get(
+                        cause, CallAttempt.CONGESTION if cause == 34 else CallAttempt.BUSY)
+                    if ringing:
+                        callee.attempt = CallAttempt.RING_FOREVER
+                return callee
+            if not answered and callee.app == ("", "") and name not in ("noop", "set"):
+                callee.app = (step.app, step.data)
+        if callee.attempt is None:
+            callee.attempt = CallAttempt.RING_FOREVER if ringing else CallAttempt.RING_THEN_ANSWER
+        return callee
 
     def _next_uniqueid(self) -> str:
         uid = f"{int(time.time())}.{self._uid_seq}"
@@ -1043,10 +1277,21 @@ class AmiSimulator:
                          ("StatusText", text)])
         self._broadcast(device_state_event(phone.device, after.value))
 
+    def _local_idle(self, leg: _Leg) -> None:
+        """A Local device is INUSE while any of its channel pairs is; one NOT_INUSE at the end."""
+        if leg.local_inuse_sent:
+            leg.local_inuse_sent = False
+            self._local_use[leg.device] -= 1
+        if self._local_use[leg.device] <= 0:
+            self._local_use.pop(leg.device, None)
+            self._broadcast(device_state_event(leg.device, "NOT_INUSE"))
+
     def _local_in_use(self, leg: _Leg) -> None:
         if not leg.local_inuse_sent:
             leg.local_inuse_sent = True
-            self._broadcast(device_state_event(leg.device, "INUSE"))
+            self._local_use[leg.device] += 1
+            if self._local_use[leg.device] == 1:
+                self._broadcast(device_state_event(leg.device, "INUSE"))
 
     def _set_state(self, ch: Channel, state: int) -> None:
         ch.state = state
@@ -1055,12 +1300,131 @@ class AmiSimulator:
     def _hangup(self, ch: Channel, cause: int) -> None:
         self._broadcast(hangup_event(ch, cause))
         self._channels.pop(ch.name, None)
+        ch.gone.set()
 
     def _hangup_request(self, ch: Channel, cause: int) -> None:
         self._broadcast(channel_event("HangupRequest", ch, ("Cause", str(cause))))
 
     def _soft_hangup_request(self, ch: Channel, cause: int = 16) -> None:
         self._broadcast(channel_event("SoftHangupRequest", ch, ("Cause", str(cause))))
+
+    # --- device states of hints that are not phones (Custom:<name>) ---------------------------------
+
+    def set_device_state(self, device: str, state: str) -> None:
+        """``DEVICE_STATE(<device>)=<state>`` (Setvar, dial plan Set, CLI devstate change): the new
+        state, then ExtensionStatus for every hint on it and DeviceStateChange (capture 05)."""
+        try:
+            new = DeviceState(state.upper())
+        except ValueError:
+            new = DeviceState.UNKNOWN
+        if device.startswith("PJSIP/") and device[6:] in self.phones:
+            return  # phones' states follow their calls and SimPhone
+        before = self.device_states.get(device)
+        self.device_states[device] = new
+        if before is new:
+            return
+        status, text = EXTENSION_STATUS[new]
+        for context, exten, hinted in self.dialplan.hints():
+            if hinted == device:
+                self._broadcast([("Event", "ExtensionStatus"), ("Privilege", CALL), ("Exten", exten),
+                                 ("Context", context), ("Hint", device), ("Status", str(status)),
+                                 ("StatusText", text)])
+        self._broadcast(device_state_event(device, new.value))
+
+    def device_state(self, device: str) -> DeviceState:
+        if device.startswith("PJSIP/"):
+            phone = self.phones.get(device[6:])
+            return phone.device_state if phone is not None else DeviceState.UNAVAILABLE
+        return self.device_states.get(device, DeviceState.UNKNOWN)
+
+    # --- media: what phones heard, what faxes received -------------------------------------------
+
+    def _record_media(self, kind: str, name: str, number: str, channel: Channel, call: _Call) -> MediaRecord:
+        record = describe_media(kind, name, self.media_dirs, number=number, channel=channel.name,
+                                call_id=call.record.call_id)
+        self.media_log.append(record)
+        return record
+
+    def _send_fax(self, call: _Call, a: _Leg, tiff: str) -> MediaRecord:
+        phone = a.phone
+        capable = phone is not None and phone.spec.fax
+        record = self._record_media("fax-received" if capable else "fax-refused", tiff, a.number, a.one, call)
+        a.one.variables["FAXSTATUS"] = "SUCCESS" if capable else "FAILED"
+        return record
+
+    # --- ChanSpy (barge) and ConfBridge ----------------------------------------------------------------
+
+    async def _chan_spy(self, call: _Call, a: _Leg, args: list[str]) -> None:
+        """``ChanSpy(<channel>,qB)``: the answered phone barges into a live channel (capture 08b)."""
+        spyee = self._find_channel(args[0]) if args else None
+        if spyee is not None:
+            self._broadcast([("Event", "ChanSpyStart"), ("Privilege", CALL),
+                             *channel_fields(a.one, "Spyer"), *channel_fields(spyee, "Spyee")])
+            self.media_log.append(MediaRecord(kind="barged", number=a.number, channel=a.one.name,
+                                              name=spyee.name, call_id=call.record.call_id))
+            gone = asyncio.ensure_future(spyee.gone.wait())
+            try:
+                await asyncio.wait((call.hangup, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            self._broadcast([("Event", "ChanSpyStop"), ("Privilege", CALL),
+                             *channel_fields(a.one, "Spyer"), *channel_fields(spyee, "Spyee")])
+        if await self._pause(call, a.callee.talk_time if a.callee else 0.0):
+            self._end_first_leg(a, 16)
+        else:  # 08b: a Hangup action on the spying ;1
+            cause = call.hangup.result()
+            self._hangup_request(a.two, cause)
+            self._hangup(a.one, cause)
+            self._soft_hangup_request(a.two)
+            self._hangup(a.two, cause)
+            self._phone_activity(a.phone, talking=-1)
+            self._local_idle(a)
+        call.record.ended_at = time.time()
+
+    async def _conference(self, call: _Call, a: _Leg, room: str) -> None:
+        """``ConfBridge(<room>)`` (capture 08c): join, stay until hung up or kicked, leave."""
+        conf = self.conferences.get(room)
+        if conf is None:
+            conf = self.conferences[room] = _Conference(room, str(uuid.uuid4()))
+            self._broadcast([("Event", "BridgeCreate"), ("Privilege", CALL), *conf.bridge_fields()])
+            self._broadcast(device_state_event(f"confbridge:{room}", "INUSE"))
+        member = _Member(a.one, asyncio.get_running_loop().create_future(), time.monotonic())
+        conf.members.append(member)
+        a.one.bridge_id = conf.bridge_id
+        self._broadcast([("Event", "BridgeEnter"), ("Privilege", CALL), *conf.bridge_fields(),
+                         *channel_fields(a.one)])
+        if len(conf.members) == 1:
+            self._broadcast([("Event", "ConfbridgeStart"), ("Privilege", CALL), ("Conference", room),
+                             *conf.bridge_fields()])
+        self._broadcast([("Event", "ConfbridgeJoin"), ("Privilege", CALL), ("Conference", room),
+                         *conf.bridge_fields(), *channel_fields(a.one), ("Admin", "No"), ("Muted", "No")])
+        talk = a.callee.talk_time if a.callee else 0.0
+        delay = None if math.isinf(talk) else talk * self.time_scale
+        await asyncio.wait((call.hangup, member.kicked), timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        conf.members.remove(member)
+        self._broadcast([("Event", "ConfbridgeLeave"), ("Privilege", CALL), ("Conference", room),
+                         *conf.bridge_fields(), *channel_fields(a.one), ("Admin", "No")])
+        self._broadcast([("Event", "BridgeLeave"), ("Privilege", CALL), *conf.bridge_fields(),
+                         *channel_fields(a.one)])
+        a.one.bridge_id = ""
+        if not conf.members:
+            self._broadcast([("Event", "ConfbridgeEnd"), ("Privilege", CALL), ("Conference", room),
+                             *conf.bridge_fields()])
+            self._broadcast(device_state_event(f"confbridge:{room}", "NOT_INUSE"))
+            self._broadcast([("Event", "BridgeDestroy"), ("Privilege", CALL), *conf.bridge_fields()])
+            del self.conferences[room]
+        if call.hangup.done() and not member.kicked.done():
+            # 08c: a Hangup action only takes the member out of the conference; its channel
+            # goes at the next Hangup action (or when the phone's own steps end).
+            call.hangup = asyncio.get_running_loop().create_future()
+            left = (call.callee_end - asyncio.get_running_loop().time()) / self.time_scale
+            await self._pause(call, left)
+        self._end_first_leg(a, 16)
+        call.record.ended_at = time.time()
+
+    def _find_channel(self, name: str) -> Channel | None:
+        return self._channels.get(name) or next(
+            (c for c in self._channels.values() if c.uniqueid == name), None)
 
     async def _pause(self, call: _Call, seconds: float) -> bool:
         """Let simulated time pass. False when a Hangup action ended the call meanwhile."""
@@ -1069,7 +1433,12 @@ class AmiSimulator:
         if seconds <= 0:
             return True
         delay = None if math.isinf(seconds) else seconds * self.time_scale
-        done, _ = await asyncio.wait((call.hangup,), timeout=delay)
+        waits: tuple[asyncio.Future[Any], ...] = (call.hangup,)
+        if call.redirect is not None:
+            waits += (call.redirect,)
+        done, _ = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        if call.redirect is not None and call.redirect in done and not call.hangup.done():
+            raise _Redirected(call.redirect.result())
         return not done
 
     async def _ring(self, call: _Call, leg: _Leg, caller: Channel | None, timeout: float) -> tuple[Ring, int]:
@@ -1078,12 +1447,19 @@ class AmiSimulator:
         Emits the ringing and answer events; failure events are up to the caller because their
         order differs between the first leg (Originate) and the second (Dial), as captured.
         """
-        phone = leg.phone
-        attempt = attempt_for(phone.spec if phone else None, line_free=phone.line_free if phone else True)
+        callee = leg.callee
+        assert callee is not None
+        phone = callee.phone
+        attempt = callee.attempt
+        if phone is not None:
+            attempt = attempt_for(phone.spec, line_free=phone.line_free)
+            callee.answer_after, callee.talk_time = phone.spec.answer_after, phone.spec.talk_time
+        assert attempt is not None
+        for device, state in callee.on_ring:
+            self.set_device_state(device, state)
         if attempt in _ATTEMPT_RING:
             return _ATTEMPT_RING[attempt], 0
-        assert phone is not None
-        answer_after = phone.spec.answer_after if attempt is CallAttempt.RING_THEN_ANSWER else math.inf
+        answer_after = callee.answer_after if attempt is CallAttempt.RING_THEN_ANSWER else math.inf
         self._phone_activity(phone, ringing=+1)
         leg.two.priority = 2
         if answer_after > 0:
@@ -1101,6 +1477,9 @@ class AmiSimulator:
         self._set_state(leg.one, 6)
         self._local_in_use(leg)
         self._broadcast(dial_event("DialEnd", caller, leg.one, ("DialStatus", "ANSWER")))
+        leg.answered = True
+        for name in callee.plays:
+            self._record_media("heard", name, leg.number, leg.two, call)
         return Ring.ANSWERED, 0
 
     # --- the first leg (the Originate's own channel) ------------------------------------------------------
@@ -1182,7 +1561,7 @@ class AmiSimulator:
             self._soft_hangup_request(two)
             self._hangup(two, cause)
             self._hangup(one, cause)
-        self._broadcast(device_state_event(a.device, "NOT_INUSE"))
+        self._local_idle(a)
         return cause
 
     def _end_first_leg(self, a: _Leg, cause: int) -> None:
@@ -1193,57 +1572,82 @@ class AmiSimulator:
         self._soft_hangup_request(a.two)
         self._hangup(a.two, cause)
         self._phone_activity(a.phone, talking=-1)
-        self._broadcast(device_state_event(a.device, "NOT_INUSE"))
+        self._local_idle(a)
 
-    async def _stay_up(self, call: _Call, a: _Leg) -> None:
-        talk_time = a.phone.spec.talk_time if a.phone else 0.0
-        completed = await self._pause(call, talk_time)
-        self._end_first_leg(a, 16 if completed else call.hangup.result())
+    async def _stay_up(self, call: _Call, a: _Leg, caller_time: float) -> None:
+        talk_time = a.callee.talk_time if a.callee else 0.0
+        completed = await self._pause(call, min(talk_time, caller_time))
+        if completed and talk_time < caller_time:
+            self._end_by_callee(a)
+        else:
+            self._end_first_leg(a, 16 if completed else call.hangup.result())
         call.record.ended_at = time.time()
 
-    async def _run_application(self, call: _Call, a: _Leg) -> None:
-        req = call.request
-        app, data = req.application or "", req.data or ""
+    def _end_by_callee(self, a: _Leg) -> None:
+        """The answered party's own steps ended first (05b order): ``;2`` goes, then ``;1``."""
+        self._soft_hangup_request(a.two)
+        self._hangup_request(a.one, 16)
+        self._hangup(a.two, 16)
+        self._hangup(a.one, 16)
+        self._phone_activity(a.phone, talking=-1)
+        self._local_idle(a)
+
+    async def _run_application(self, call: _Call, a: _Leg, step: Step) -> None:
+        app, data = step.app, step.data
         a.one.application, a.one.app_data = app, data
         self._report(call, success=True, reason=4)
+        name = step.name
+        if name == "chanspy":
+            await self._chan_spy(call, a, step.args())
+            return
+        if name == "confbridge":
+            await self._conference(call, a, (step.args() or [""])[0])
+            return
         run_time = APPLICATION_RUN_TIME
-        if app.lower() == "wait":
-            try:
-                run_time = float(data or 0)
-            except ValueError:
-                run_time = 0.0
-        completed = await self._pause(call, run_time)
-        if completed and app.lower() == "playback":
+        if name == "wait":
+            run_time = _float_arg(step.args(), 0.0)
+        elif name == "playback":
+            run_time = sum(play_seconds(self._record_media("heard", f, a.number, a.two, call))
+                           for f in data.split("&") if f)
+        elif name == "sendfax":
+            record = self._send_fax(call, a, (step.args() or [""])[0])
+            run_time = play_seconds(record)
+        if not await self._step_time(call, a, run_time):
+            return
+        if name == "playback":
             self._broadcast([("Event", "VarSet"), ("Privilege", "dialplan,all"), *channel_fields(a.one),
                              ("Variable", "PLAYBACKSTATUS"), ("Value", "SUCCESS")])
         # Capture 04: the application returns, ;1 hangs up first, both with cause 0.
-        cause = 0 if completed else call.hangup.result()
+        cause = 0
         self._hangup_request(a.two, cause)
         self._hangup(a.one, cause)
         self._soft_hangup_request(a.two)
         self._hangup(a.two, cause)
         self._phone_activity(a.phone, talking=-1)
-        self._broadcast(device_state_event(a.device, "NOT_INUSE"))
+        self._local_idle(a)
         call.record.ended_at = time.time()
 
     # --- the second leg: Dial(Local/<b>@<dial>) from the connect context ---------------------------------
 
-    async def _connect_second_party(self, call: _Call, a: _Leg) -> None:
+    async def _connect_second_party(self, call: _Call, a: _Leg, dial_args: list[str]) -> None:
+        """``Dial(Local/<n>@<context>,<timeout>)`` run by the answered first party."""
         req, rec = call.request, call.record
-        number = req.exten or ""
+        target = dial_args[0]
+        timeout = _seconds_variable(dial_args[1] if len(dial_args) > 1 else None, DEFAULT_DIAL_TIMEOUT)
+        number, _, context = target.partition("/")[2].partition("@")
+        context = context or "default"
         rec.to_number = number
-        timeout = _seconds_variable(req.variables.get(RING_TIMEOUT_VARIABLE), DEFAULT_DIAL_TIMEOUT)
-        a.one.context, a.one.exten, a.one.priority = self.connect_context, number, 1
+        a.one.context, a.one.exten, a.one.priority = req.context or "", req.exten or "", 1
         a.one.application = "Dial"
-        a.one.app_data = f"Local/{number}@{self.dial_context},{timeout:g}"
-        if not _DIALABLE.fullmatch(number):
-            # No such extension in the connect context: the answered first party is hung up.
+        a.one.app_data = f"{target},{timeout:g}"
+        if self.dialplan.lookup(context, number) is None:
+            # Dial of a Local channel with no such extension: the answered first party is hung up.
             self._report(call, success=True, reason=4)
             rec.to_outcome = CallOutcome.INVALID
             self._end_first_leg(a, 16)
             rec.ended_at = time.time()
             return
-        b = call.b = self._new_leg(call, number, self.dial_context, None, None, linkedid=a.one.linkedid)
+        b = call.b = self._new_leg(call, number, context, None, None, linkedid=a.one.linkedid)
         self._broadcast(channel_event("Newchannel", b.one))
         self._broadcast(channel_event("Newchannel", b.two))
         name, num = req.caller_id
@@ -1252,7 +1656,7 @@ class AmiSimulator:
         b.two.caller_name, b.two.caller_num = name, num
         b.two.connected_name, b.two.connected_num = name, number
         self._broadcast(local_bridge_event(b.one, b.two))
-        self._broadcast(dial_event("DialBegin", a.one, b.one, ("DialString", f"{number}@{self.dial_context}")))
+        self._broadcast(dial_event("DialBegin", a.one, b.one, ("DialString", f"{number}@{context}")))
         self._report(call, success=True, reason=4)  # 02c: OriginateResponse after the second DialBegin
         ring, cause = await self._ring(call, b, caller=a.one, timeout=timeout)
         if ring is not Ring.ANSWERED:
@@ -1305,7 +1709,7 @@ class AmiSimulator:
                 self._hangup(one, 0)
         a.one.priority = 2
         self._end_first_leg(a, hangup_cause)
-        self._broadcast(device_state_event(b.device, "NOT_INUSE"))
+        self._local_idle(b)
         return cause
 
     async def _bridge(self, call: _Call, a: _Leg, b: _Leg) -> None:
@@ -1316,7 +1720,7 @@ class AmiSimulator:
                          *channel_fields(b.one)])
         self._broadcast([("Event", "BridgeEnter"), ("Privilege", CALL), *bridge_fields(bridge_id, 2),
                          *channel_fields(a.one)])
-        talk_times = [leg.phone.spec.talk_time for leg in (a, b) if leg.phone is not None]
+        talk_times = [leg.callee.talk_time for leg in (a, b) if leg.callee is not None]
         await self._pause(call, min(talk_times, default=0.0))
         # 02c order, whoever hung up.
         self._broadcast([("Event", "BridgeLeave"), ("Privilege", CALL), *bridge_fields(bridge_id, 1),
@@ -1332,12 +1736,12 @@ class AmiSimulator:
         self._soft_hangup_request(b.two)
         self._hangup(b.two, 16)
         self._phone_activity(b.phone, talking=-1)
-        self._broadcast(device_state_event(b.device, "NOT_INUSE"))
+        self._local_idle(b)
         self._soft_hangup_request(a.two)
         self._hangup(a.two, 16)
         self._hangup(a.one, 16)
         self._phone_activity(a.phone, talking=-1)
-        self._broadcast(device_state_event(a.device, "NOT_INUSE"))
+        self._local_idle(a)
         call.record.ended_at = time.time()
 
 
@@ -1371,3 +1775,16 @@ def _optional_seconds(value: str | None, name: str) -> float | None:
     if seconds < 0:
         raise PhoneBookError(f"Invalid {name}: {value}")
     return seconds
+
+
+def _float_arg(args: list[str], default: float) -> float:
+    try:
+        return float(args[0]) if args and args[0] != "" else default
+    except ValueError:
+        return default
+
+
+def _device_state_assignment(args: list[str]) -> tuple[str, str] | None:
+    """``Set(DEVICE_STATE(Custom:3000)=INUSE)`` -> ("Custom:3000", "INUSE")."""
+    match = re.fullmatch(r"DEVICE_STATE\((.+)\)=(\w+)", ",".join(args).strip(), re.IGNORECASE)
+    return (match.group(1), match.group(2).upper()) if match else None
