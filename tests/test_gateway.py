@@ -85,6 +85,15 @@ async def test_callers_own_phone_busy_is_reported_as_such(gateway: Gateway) -> N
     assert "your phone (2003) was busy" in mail.get_content()
 
 
+async def test_call_forward_in_astdb_is_followed_by_the_two_point_connection(gateway: Gateway) -> None:
+    assert gateway.pbx is not None
+    reply = await gateway.pbx.client.action("DBPut", Family="CF", Key="2004", Val="2001")  # as `mailgw phone forward`
+    assert reply.get("Response") == "Success"
+    request_id = await run_request(gateway, "alice@a.example", "dave@a.example", "action: connect\n")
+    # Dave's phone never answers; Bob's (where Dave forwards) does.
+    assert [(r.outcome, r.failed_party) for r in await gateway.store.calls_for(request_id)] == [("answered", None)]
+
+
 async def test_japanese_sender_gets_a_japanese_result_mail(gateway: Gateway) -> None:
     request_id = await run_request(gateway, "yamada@a.example", "bob@a.example", "動作：connect\n")
     mail = await result_mail_in_maildir(gateway, request_id, "yamada@a.example")

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 INCOMING_CONTEXT = "from-trunk"
 DEFAULT_RING_TIME = 20.0
-MAX_FORWARD_HOPS = 5
 PRES_ALLOWED = "0 (Presentation Allowed, Not Screened)"
 PRES_PROHIBITED = "32 (Presentation Prohibited, Not Screened)"
 
@@ -110,7 +109,7 @@ class IncomingCalls:
             self._broadcast(channel_event("NewCallerid", trunk, (
                 "CID-CallingPres", PRES_PROHIBITED if withheld else PRES_ALLOWED)))
             trunk.application, trunk.app_data = "Dial", "&".join(f"PJSIP/{t}" for t in to)
-            rungs = [self._ring_extension(call, trunk, self._forwarded(t)) for t in to]
+            rungs = [self._ring_extension(call, trunk, self.forwarded(t)) for t in to]
             winner = await self._wait_for_answer(call, trunk, rungs, answer, ring_time)
             if winner is None:
                 await self._nobody_answered(call, trunk, rungs)
@@ -124,16 +123,6 @@ class IncomingCalls:
                 call.record.ended_at = time.time()
             self._calls.discard(call)
             self._processed_calls += 1
-
-    def _forwarded(self: Any, extension: str) -> str:
-        seen = {extension}
-        for _ in range(MAX_FORWARD_HOPS):
-            target = self.call_forward(extension)
-            if not target or target in seen:
-                break
-            seen.add(target)
-            extension = target
-        return extension
 
     def _ring_extension(self: Any, call: Any, trunk: Channel, extension: str) -> _Rung:
         from .simulator import Channel, dial_event

@@ -29,6 +29,9 @@ VERSION_LINE = ("Asterisk 22.10.1 built by mailgw-simulator @ localhost on a x86
 _HINT_LINE = "{:<30}: {:<62}State:{:<16}Presence:{:<16}Watchers {:>2}"
 
 
+MAX_FORWARD_HOPS = 5  # a forward chain longer than this rings where it got to
+
+
 class ManagerActions:
     """Mixin: needs ``_channels``, ``_calls``, ``astdb``, ``global_vars``, ``dialplan``,
     ``conferences``, ``_broadcast``, ``_send_list``, ``set_device_state``, ``device_state``."""
@@ -108,6 +111,17 @@ class ManagerActions:
     def call_forward(self, number: str) -> str | None:
         """Where calls to ``number`` go: AstDB ``CF/<number>``, as the pairing dial plan reads it."""
         return self.astdb.get(f"/CF/{number}") or None
+
+    def forwarded(self, number: str) -> str:
+        """The number a call to ``number`` finally rings, following forwards (loops stop)."""
+        seen = {number}
+        for _ in range(MAX_FORWARD_HOPS):
+            target = self.call_forward(number)
+            if not target or target in seen:
+                break
+            seen.add(target)
+            number = target
+        return number
 
     # --- variables ---------------------------------------------------------------------------------------
 

@@ -1209,7 +1209,8 @@ class AmiSimulator(ManagerActions, IncomingCalls):
             name, args = step.name, step.args(variables)
             if name == "dial" and not answered:
                 tech, _, resource = (args[0] if args else "").partition("/")
-                phone = self._phone(resource.partition("@")[0]) if tech.upper() == "PJSIP" else None
+                # Like the pairing dial plan: AstDB CF/<ext> sends the call elsewhere.
+                phone = self._phone(self.forwarded(resource.partition("@")[0])) if tech.upper() == "PJSIP" else None
                 callee.phone, callee.app = phone, ("Dial", args[0] if args else "")
                 if phone is None:
                     callee.attempt = CallAttempt.UNALLOCATED
