@@ -168,6 +168,7 @@ class IngressHandler:
             size=len(raw), kind="request" if request is not None else "mail",
             sender=request.sender if request is not None else normalise_address(mail_from),
             request=request.to_json() if request is not None else None,
+            rings=tuple(numbers_rung(request)) if request is not None else (),
         )
 
 

@@ -44,6 +44,15 @@ CREATE INDEX IF NOT EXISTS messages_state ON messages(state);
 CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender, received_at);
 CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
 
+-- Numbers accepted requests will ring, for per-number rate limits: an index range per check
+-- instead of reading every request of the last hour.
+CREATE TABLE IF NOT EXISTS rings (
+    number     TEXT NOT NULL,
+    at         TEXT NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rings_number ON rings(number, at);
+
 CREATE TABLE IF NOT EXISTS audit (
     at      TEXT NOT NULL,
     peer    TEXT NOT NULL,                 -- client IP address
@@ -157,6 +166,7 @@ class NewMessage:
     kind: str
     sender: str | None
     request: dict[str, Any] | None
+    rings: tuple[str, ...] = ()  # numbers the request will make ring (per-number rate limits)
 
 
 def utcnow() -> datetime:
@@ -280,6 +290,7 @@ class Store:
                  m.sender, json.dumps(m.request, ensure_ascii=False) if m.request is not None else None, now),
             ))
             statements.append(("INSERT INTO stages VALUES (?,?,?,?)", (m.id, now, "received", "")))
+            statements += [("INSERT INTO rings VALUES (?,?,?)", (number, now, m.id)) for number in m.rings]
         await self._commit(statements)
 
     async def get_message(self, message_id: str) -> MessageRow | None:
@@ -314,13 +325,7 @@ class Store:
         return [(_dt(r["at"]), r["stage"], r["detail"]) for r in rows]  # type: ignore[misc]
 
     def _count_rings(self, number: str, since: datetime) -> int:
-        rows = self._query("""
-            SELECT COUNT(*) FROM messages
-             WHERE kind = 'request' AND received_at >= ? AND NOT json_extract(request, '$.dry_run')
-               AND (json_extract(request, '$.to_number') = ?
-                    OR (json_extract(request, '$.from_number') = ?
-                        AND COALESCE(json_extract(request, '$.sources.from'), '') != 'directory'))""",
-            (_ts(since), number, number))
+        rows = self._query("SELECT COUNT(*) FROM rings WHERE number = ? AND at >= ?", (number, _ts(since)))
         return int(rows[0][0])
 
     async def recent_counts(self, senders: list[str], numbers: list[str],

@@ -40,7 +40,7 @@ tests/pbx/test_pbx_replay.py). Playback, SendFAX, ChanSpy and ConfBridge run as 
 
 The dial plan it emulates
 -------------------------
-This is the dial plan a real Asterisk needs to pair with mailgw (``pbx/extensions.conf`` should
+This is the dial plan a real Asterisk needs to pair with mailgw (``pbx/asterisk/extensions.conf`` should
 implement the same), with ``<dial>`` = ``dial_context`` and ``<connect>`` = ``connect_context``:
 
 * ``Local/<n>@<dial>`` rings the phone ``<n>`` (hint ``PJSIP/<n>`` on exten ``<n>`` in
