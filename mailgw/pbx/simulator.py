@@ -558,6 +558,13 @@ class _Session:
             pass
 
 
+def extension_fields(exten: str, context: str, hint: str, state: DeviceState | None) -> list[Field]:
+    """The extension-state block of ExtensionState replies and ExtensionStatus events (capture 05);
+    no hint is Status -1 "Unknown" with an empty Hint, as Asterisk answers."""
+    status, text = EXTENSION_STATUS[state] if state is not None else (-1, "Unknown")
+    return [("Exten", exten), ("Context", context), ("Hint", hint), ("Status", str(status)), ("StatusText", text)]
+
+
 def response(request: Message, status: str, *fields: Field) -> Message:
     """``Response:`` first, the request's ActionID second (only if it had one), then ``fields``."""
     pairs: list[Field] = [("Response", status)]
@@ -888,27 +895,17 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         context = msg.get("Context") or "default"
         phone = self.phones.get(exten) if context == self.dial_context else None
         hint = phone.device if phone is not None and phone.hinted else self.dialplan.hint(context, exten)
-        if hint is None:
-            fields = [("Exten", exten), ("Context", context), ("Hint", ""), ("Status", "-1"),
-                      ("StatusText", "Unknown")]
-        else:
-            status, text = EXTENSION_STATUS[self.device_state(hint)]
-            fields = [("Exten", exten), ("Context", context), ("Hint", hint), ("Status", str(status)),
-                      ("StatusText", text)]
+        fields = extension_fields(exten, context, hint or "", self.device_state(hint) if hint else None)
         session.respond(msg, "Success", ("Message", "Extension Status"), *fields)
 
     def _action_extension_state_list(self, session: _Session, msg: Message) -> None:
         items = []
         for context, exten, hint in self.dialplan.hints():
-            status, text = EXTENSION_STATUS[self.device_state(hint)]
-            items.append([("Exten", exten), ("Context", context), ("Hint", hint), ("Status", str(status)),
-                          ("StatusText", text)])
+            items.append(extension_fields(exten, context, hint, self.device_state(hint)))
         for number in sorted(self.phones):
             phone = self.phones[number]
             if phone.hinted:
-                status, text = EXTENSION_STATUS[phone.device_state]
-                items.append([("Exten", number), ("Context", self.dial_context), ("Hint", phone.device),
-                              ("Status", str(status)), ("StatusText", text)])
+                items.append(extension_fields(number, self.dial_context, phone.device, phone.device_state))
         self._send_list(session, msg, "Extension Statuses will follow", "ExtensionStatus", items,
                         "ExtensionStateListComplete")
 
@@ -1288,10 +1285,8 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         after = phone.device_state
         if after is before or not phone.hinted:
             return
-        status, text = EXTENSION_STATUS[after]
-        self._broadcast([("Event", "ExtensionStatus"), ("Privilege", CALL), ("Exten", phone.number),
-                         ("Context", self.dial_context), ("Hint", phone.device), ("Status", str(status)),
-                         ("StatusText", text)])
+        self._broadcast([("Event", "ExtensionStatus"), ("Privilege", CALL),
+                         *extension_fields(phone.number, self.dial_context, phone.device, after)])
         self._broadcast(device_state_event(phone.device, after.value))
 
     def _local_idle(self, leg: _Leg) -> None:
@@ -1340,12 +1335,10 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         self.device_states[device] = new
         if before is new:
             return
-        status, text = EXTENSION_STATUS[new]
         for context, exten, hinted in self.dialplan.hints():
             if hinted == device:
-                self._broadcast([("Event", "ExtensionStatus"), ("Privilege", CALL), ("Exten", exten),
-                                 ("Context", context), ("Hint", device), ("Status", str(status)),
-                                 ("StatusText", text)])
+                self._broadcast([("Event", "ExtensionStatus"), ("Privilege", CALL),
+                                 *extension_fields(exten, context, device, new)])
         self._broadcast(device_state_event(device, new.value))
 
     def device_state(self, device: str) -> DeviceState:
