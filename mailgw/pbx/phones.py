@@ -45,8 +45,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pytimeparse2 import parse as parse_seconds
+
+from ..yamlfile import read_yaml
 
 DEFAULT_TALK_TIME = 20.0
 
@@ -192,14 +193,7 @@ def with_behaviour(spec: PhoneSpec, behaviour: Behaviour, answer_after: float | 
 
 
 def load_phone_book(path: str | Path) -> PhoneBook:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PhoneBookError(f"{path}: {exc.strerror}") from exc
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise PhoneBookError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, PhoneBookError) or {}
     try:
         return parse_phone_book(raw)
     except PhoneBookError as exc:
