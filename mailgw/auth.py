@@ -9,6 +9,10 @@ A request may cause a call only when the gateway knows who sent it:
 
 Anyone else may still mail a person (the mail is delivered), but cannot cause a call.
 
+Mail that claims a domain listed in ``security.dkim`` (a peer office, a partner) must carry a valid
+DKIM signature by that domain, checked with the configured key; such a signature also authorises
+the mail the way SMTP AUTH does. Forged mail from those domains is refused wherever it comes from.
+
 Passwords are never stored: the directory holds ``scrypt$<n>$<r>$<p>$<salt>$<hash>`` made by
 ``mailgw passwd``.
 """
@@ -25,8 +29,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import dkim
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from .config import DkimKey
 from .directory import Directory, normalise_address
 
 log = logging.getLogger("mailgw.auth")
@@ -114,3 +120,21 @@ class DirectoryAuthenticator:
 
 def same_person(login: str, address: str) -> bool:
     return normalise_address(login) == normalise_address(address)
+
+
+def dkim_signer(raw: bytes, keys: tuple[DkimKey, ...]) -> str | None:
+    """The configured domain whose valid DKIM signature ``raw`` carries (its first signature), or
+    None. Keys come from the configuration instead of DNS."""
+    records = {f"{k.selector}._domainkey.{k.domain}.".lower().encode(): f"v=DKIM1; k=rsa; p={k.public_key}".encode()
+               for k in keys}
+
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        return records.get(name.lower())
+
+    verifier = dkim.DKIM(raw, minkey=1024)
+    try:
+        if verifier.verify(dnsfunc=lookup) and verifier.domain:
+            return verifier.domain.decode("ascii", "replace").lower()
+    except Exception:  # dkimpy raises on malformed or unknown-key signatures: not validly signed
+        return None
+    return None

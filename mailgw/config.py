@@ -98,12 +98,23 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class DkimKey:
+    """A domain whose mail must be DKIM-signed, and the public key to check it with (the ``p=``
+    of its DNS record, configured here so checks need no DNS and work between offices offline)."""
+
+    domain: str
+    selector: str
+    public_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     # Clients connecting from these networks may place calls without SMTP AUTH (like Postfix's
     # mynetworks). Everyone else must authenticate, over TLS, as the person the mail is from.
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     tls_cert: Path | None = None  # PEM; unset: a self-signed certificate is made under data_dir/tls
     tls_key: Path | None = None
+    dkim: tuple[DkimKey, ...] = ()  # mail claiming these domains must carry their valid DKIM signature
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     sim = _section(pbx, "simulator", {"enabled", "phones", "time_scale"}, "pbx.")
     policy = _section(raw, "policy", {"allow", "deny", "actions", "per_sender_per_hour", "per_number_per_minute",
                                       "per_number_per_hour", "groups"})
-    security = _section(raw, "security", {"trusted_networks", "tls"})
+    security = _section(raw, "security", {"trusted_networks", "tls", "dkim"})
     tls = _section(security, "tls", {"cert", "key"}, "security.")
     requests = _section(raw, "requests", {"service_mailboxes", "monitor_default", "monitor_max"})
     numbering = _section(raw, "numbering", {"region", "extension_pattern"})
@@ -281,6 +292,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
             trusted_networks=_networks(security, d.security.trusted_networks),
             tls_cert=_path(tls, "cert", None, base),
             tls_key=_path(tls, "key", None, base),
+            dkim=_dkim(security.get("dkim") or []),
         ),
         requests=RequestConfig(
             service_mailboxes=tuple(requests.get("service_mailboxes", d.requests.service_mailboxes)),
@@ -428,6 +440,22 @@ def _groups(raw: Any) -> tuple[tuple[str, GroupPolicy], ...]:
             per_sender_per_hour=_int(entry, "per_sender_per_hour", 0, prefix) if "per_sender_per_hour" in entry else None,
         )))
     return tuple(groups)
+
+
+def _dkim(raw: Any) -> tuple[DkimKey, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("security.dkim: must be a list of {domain, selector, public_key}")
+    keys = []
+    for index, entry in enumerate(raw, start=1):
+        where = f"security.dkim[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        _no_unknown(entry, {"domain", "selector", "public_key"}, f"{where}.")
+        values = [entry.get(k) for k in ("domain", "selector", "public_key")]
+        if not all(isinstance(v, str) and v for v in values):
+            raise ConfigError(f"{where}: domain, selector and public_key are required")
+        keys.append(DkimKey(values[0].lower(), values[1], "".join(values[2].split())))
+    return tuple(keys)
 
 
 def _networks(raw: dict[str, Any], default: tuple[str, ...]) -> tuple[str, ...]:

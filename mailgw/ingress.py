@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .config import Config
 from .directory import Directory, normalise_address
-from .auth import DirectoryAuthenticator, Sender, session_sender
+from .auth import DirectoryAuthenticator, Sender, dkim_signer, session_sender
 from .policy import Verdict, authorise, check_number_rate, check_rate, sender_limit
 from .dispatch import check_supported
 from .request import ExchangeRequest, describe, parse_request
@@ -78,7 +78,7 @@ class IngressHandler:
                     raise Refused(550, "5.6.0", f"{rcpt} takes requests only, and this mail is none "
                                                 "(automatic replies and result mails are not read)")
                 if request is not None:
-                    request = await self._authorise(request, sender, rcpt)
+                    request = await self._authorise(request, sender, rcpt, raw)
                 requests.append((rcpt, request))
             await self._check_rate(requests)
         except Refused as refusal:
@@ -118,11 +118,17 @@ class IngressHandler:
                 self.campons.admit(request)
         return request
 
-    async def _authorise(self, request: ExchangeRequest, sender: Sender, rcpt: str) -> ExchangeRequest | None:
+    async def _authorise(self, request: ExchangeRequest, sender: Sender, rcpt: str,
+                         raw: bytes) -> ExchangeRequest | None:
         """The request if it may make the PBX act; None when it is only to be delivered as mail."""
         person = self.directory.by_address(request.sender)
+        keys = self.config.security.dkim
+        dkim_domains = frozenset(k.domain for k in keys)
+        # Only mail claiming a listed domain pays for the RSA check.
+        signed_by = dkim_signer(raw, keys) if request.sender.rpartition("@")[2].lower() in dkim_domains else None
         verdict = authorise(request, sender, to_person=self.directory.by_address(rcpt) is not None,
-                            groups=person.groups if person else (), policy=self.config.policy)
+                            groups=person.groups if person else (), policy=self.config.policy,
+                            dkim_domains=dkim_domains, signed_by=signed_by)
         if verdict == Verdict.DELIVER_ONLY:
             await self._audit(sender, request.sender, describe(request),
                               Reply(250, "2.0.0", "delivered to the mailbox only: the sender is not authenticated"))

@@ -142,8 +142,18 @@ def group_policy(policy: PolicyConfig, groups: Iterable[str]) -> tuple[str, Grou
 
 
 def authorise(request: ExchangeRequest, sender: Sender, *, to_person: bool, groups: tuple[str, ...],
-              policy: PolicyConfig) -> Verdict:
-    """May this request make the PBX act? Raises Refused (550 5.7.1) naming the rule when not."""
+              policy: PolicyConfig, dkim_domains: frozenset[str] = frozenset(),
+              signed_by: str | None = None) -> Verdict:
+    """May this request make the PBX act? Raises Refused (550 5.7.1) naming the rule when not.
+
+    ``dkim_domains`` must sign their mail (security.dkim); ``signed_by`` is the domain whose valid
+    DKIM signature the mail carries, if any."""
+    domain = request.sender.rpartition("@")[2].lower()
+    if domain in dkim_domains:
+        if signed_by != domain:
+            raise Refused(550, "5.7.1", f"mail from {domain} must carry a valid DKIM signature by {domain} "
+                                        "(security.dkim)")
+        sender = Sender(Trust.AUTHENTICATED, sender.peer, request.sender)
     if sender.trust == Trust.NONE:
         if to_person:
             return Verdict.DELIVER_ONLY

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mailgw.auth import hash_secret, verify_secret
-from mailgw.config import Config, GroupPolicy
+from mailgw.config import Config, DkimKey, GroupPolicy
 from mailgw.gateway import Gateway
 from mailgw.resources import shipped
 
@@ -184,3 +184,77 @@ async def test_one_number_cannot_be_rung_again_within_a_minute(make_config) -> N
         assert len((await gw.store.audit_entries())) == 1
     finally:
         await gw.stop()
+
+
+@pytest.fixture(scope="module")
+def peer_key() -> tuple[bytes, str]:
+    """A DKIM key pair for b.example: the private key PEM and the public key as a DNS p= value."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, base64.b64encode(public).decode()
+
+
+def dkim_config(make_config, public_key: str) -> Config:
+    config = untrusted(make_config)
+    peer = DkimKey("b.example", "mail", public_key)
+    return replace(config, security=replace(config.security, dkim=(peer,)))
+
+
+def signed(message, private: bytes) -> bytes:
+    import dkim
+
+    raw = message.as_bytes(policy=email.policy.SMTP)
+    return dkim.sign(raw, b"mail", b"b.example", private, include_headers=[b"from", b"to", b"subject"]) + raw
+
+
+async def test_dkim_signed_mail_from_a_listed_peer_domain_may_place_a_call(make_config, peer_key) -> None:
+    private, public = peer_key
+    gw = await started(dkim_config(make_config, public))
+    try:
+        mail = request_mail("partner@b.example", "cti@a.example", "to: 2001\nfrom: 03-1234-5678\n")
+        reply = await submit(gw.smtp_port, signed(mail, private), mail_from="partner@b.example",
+                             rcpt_to=["cti@a.example"])
+        assert reply.code == 250, reply
+        await wait_stage(gw.store, reply.queue_id, "outcome")
+        assert [(c.from_number, c.to_number) for c in placed_calls(gw)] == [("0312345678", "2001")]
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "tampered", "other key"])
+async def test_forged_mail_from_a_listed_peer_domain_is_refused(make_config, peer_key, forgery: str) -> None:
+    private, public = peer_key
+    config = dkim_config(make_config, public)
+    # Forged mail is refused even from a trusted network: the domain's signature is what counts.
+    gw = await started(replace(config, security=replace(config.security, trusted_networks=("127.0.0.0/8",))))
+    try:
+        mail = request_mail("partner@b.example", "cti@a.example", "to: 2001\nfrom: 03-1234-5678\n")
+        raw = mail.as_bytes(policy=email.policy.SMTP)
+        if forgery == "tampered":
+            raw = signed(mail, private).replace(b"to: 2001", b"to: 2002")
+        elif forgery == "other key":
+            raw = signed(mail, _other_private_key())
+        reply = await submit(gw.smtp_port, raw, mail_from="partner@b.example", rcpt_to=["cti@a.example"])
+        assert (reply.code, reply.text) == (550, "5.7.1 mail from b.example must carry a valid DKIM signature by "
+                                                 "b.example (security.dkim)")
+        assert placed_calls(gw) == [] and await gw.store.list_messages() == []
+        [entry] = await gw.store.audit_entries()
+        assert "DKIM" in entry["rule"]
+    finally:
+        await gw.stop()
+
+
+def _other_private_key() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
