@@ -74,7 +74,7 @@ class IncomingCalls:
             return
         answer = (msg.get("Answer") or "").strip()
         request = OriginateRequest(
-            channel=f"PJSIP/trunk", context=INCOMING_CONTEXT, exten=to[0], priority=1, application=None,
+            channel="PJSIP/trunk", context=INCOMING_CONTEXT, exten=to[0], priority=1, application=None,
             data=None, timeout=ring_time, caller_id=(name, number), channel_id=None, other_channel_id=None,
             variables={}, action_id=msg.get("ActionID"), is_async=True)
         record = CallRecord(call_id="", action_id=request.action_id, from_number=number, context=INCOMING_CONTEXT,
@@ -102,7 +102,7 @@ class IncomingCalls:
 
     async def _run_incoming(self: Any, call: Any, trunk: Channel, to: list[str], answer: str,
                             ring_time: float, talk_time: float | None, withheld: bool) -> None:
-        from .simulator import channel_event, dial_event
+        from .simulator import channel_event
 
         try:
             self._broadcast(channel_event("Newchannel", trunk))

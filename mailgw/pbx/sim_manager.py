@@ -140,7 +140,7 @@ class ManagerActions:
         if variable.upper().startswith("DEVICE_STATE(") and variable.endswith(")"):
             self.set_device_state(variable[len("DEVICE_STATE("):-1], value)
             return
-        from .simulator import CALL, channel_fields  # noqa: F401  (avoid an import cycle)
+        from .simulator import channel_fields  # here, not at the top: simulator imports this module
 
         if channel is None:
             self.global_vars[variable] = value
