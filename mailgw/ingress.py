@@ -92,7 +92,7 @@ class IngressHandler:
                    for index, (rcpt, request) in enumerate(requests, start=1)]
         try:
             path = await asyncio.to_thread(self.spool.store, queue_id, raw)
-            entries = [NewMessage(**{**e.__dict__, "spool_path": path}) for e in entries]
+            entries = [replace(e, spool_path=path) for e in entries]
             await self.store.add_messages(entries)
         except Exception:  # disk full, database locked, ...: the sender's MTA will try again
             log.exception("could not store message %s", queue_id)
