@@ -1382,13 +1382,7 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         if await self._pause(call, a.callee.talk_time if a.callee else 0.0):
             self._end_first_leg(a, 16)
         else:  # 08b: a Hangup action on the spying ;1
-            cause = call.hangup.result()
-            self._hangup_request(a.two, cause)
-            self._hangup(a.one, cause)
-            self._soft_hangup_request(a.two)
-            self._hangup(a.two, cause)
-            self._phone_activity(a.phone, talking=-1)
-            self._local_idle(a)
+            self._application_ended(a, call.hangup.result())
         call.record.ended_at = time.time()
 
     async def _conference(self, call: _Call, a: _Leg, room: str) -> None:
@@ -1628,14 +1622,17 @@ class AmiSimulator(ManagerActions, IncomingCalls):
             self._broadcast([("Event", "VarSet"), ("Privilege", "dialplan,all"), *channel_fields(a.one),
                              ("Variable", "PLAYBACKSTATUS"), ("Value", "SUCCESS")])
         # Capture 04: the application returns, ;1 hangs up first, both with cause 0.
-        cause = 0
+        self._application_ended(a, 0)
+        call.record.ended_at = time.time()
+
+    def _application_ended(self, a: _Leg, cause: int) -> None:
+        """An originated application's ``;1`` hangs up, then its ``;2`` (captures 04 and 08b)."""
         self._hangup_request(a.two, cause)
         self._hangup(a.one, cause)
         self._soft_hangup_request(a.two)
         self._hangup(a.two, cause)
         self._phone_activity(a.phone, talking=-1)
         self._local_idle(a)
-        call.record.ended_at = time.time()
 
     # --- the second leg: Dial(Local/<b>@<dial>) from the connect context ---------------------------------
 
