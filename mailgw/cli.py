@@ -14,6 +14,7 @@ import getpass
 import asyncio
 import logging
 import mimetypes
+import os
 import signal
 import smtplib
 import sys
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mailgw inbox ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,7 +233,7 @@ def _inbox(args: argparse.Namespace) -> int:
         return 1
     mail = mailbox.mark_seen(mails[args.read - 1])
     m = mail.message()
-    for name in ("From", "To", "Date", "Subject", "X-CTI-Request", "X-CTI-Outcome", "X-CTI-Status"):
+    for name in ("From", "To", "Date", "Subject", "X-CTI-On-Read", "X-CTI-Request", "X-CTI-Outcome", "X-CTI-Status"):
         if m.get(name):
             print(f"{name}: {m[name]}")
     body = m.get_body(preferencelist=("plain",))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from email.header import Header
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -49,6 +50,8 @@ class Dispatcher:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._pbx_failures = 0
         self.campons: Campons | None = None  # set by the gateway; without it camp-ons are not run
+        self.reading = mailbox.ReadWatcher(config.mailbox_root, on_read=self._on_read, on_gone=self._on_gone,
+                                           on_expired=self._on_unread_expired)
 
     def submit(self, message_ids: list[str]) -> None:
         """Called by ingress after the 250: start working on the new entries."""
@@ -113,6 +116,9 @@ class Dispatcher:
             if request.action in CAMPON_ACTIONS and not request.dry_run:
                 await self.campons.handle(row, request)
                 return
+        if request.trigger == Trigger.ON_READ and not request.dry_run and not await self._was_read(row):
+            await self._await_reading(row, request)
+            return
         now = utcnow()
         decision = decide(request, row, now)
         if isinstance(decision, Wait):
@@ -159,6 +165,52 @@ class Dispatcher:
                                         result.cause, result.from_answered_at, result.to_answered_at,
                                         result.ended_at))
 
+    # --- user-reception trigger (seed 004, FIG. 34/36): run when the recipient reads the mail ---
+
+    async def _was_read(self, row: MessageRow) -> bool:
+        return any(stage == "read" for _, stage, _ in await self.store.stages(row.id))
+
+    async def _await_reading(self, row: MessageRow, request: ExchangeRequest) -> None:
+        """Deliver the request to its recipient's mailbox (once) and watch for it being read."""
+        deadline = row.received_at + timedelta(seconds=request.monitor)
+        if row.state == MessageState.AWAITING_READ and row.detail:  # resumed after a restart
+            self.reading.watch(row.id, row.rcpt_to, row.detail, deadline)
+            return
+        raw = await asyncio.to_thread(row.spool_path.read_bytes)
+        note = on_read_header(request, self.notifier)
+        path = await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to,
+                                       f"X-CTI-On-Read: {note}\r\n".encode("utf-8") + raw)
+        notice = None
+        if request.notify:
+            mail = self.notifier.result_mail(request, Result(row.id, "delivered", f"delivered to {row.rcpt_to}",
+                                                             row.received_at, deadline=deadline))
+            notice = await self.outbox.prepare(mail, rcpt_to=request.sender, request_id=row.id)
+        await self.store.await_read(row.id, path.name, notice)
+        self.reading.watch(row.id, row.rcpt_to, path.name, deadline)
+        log.info("request %s delivered to the mailbox of %s; runs when it is read (until %s)", row.id,
+                 row.rcpt_to, deadline.astimezone().strftime("%H:%M:%S"))
+        if notice is not None:
+            self.outbox.wake()
+
+    async def _on_read(self, message_id: str) -> None:
+        await self.store.set_state(message_id, MessageState.QUEUED, stage="read")
+        log.info("request %s: its mail was read; executing", message_id)
+        self._start(message_id)
+
+    async def _on_gone(self, message_id: str) -> None:
+        await self._end_unread(message_id, "deleted", "the recipient deleted the message without reading it")
+
+    async def _on_unread_expired(self, message_id: str) -> None:
+        await self._end_unread(message_id, "expired", "the recipient did not read the message within its "
+                                                      "monitor time", reason="expired")
+
+    async def _end_unread(self, message_id: str, outcome: str, detail: str, reason: str | None = None) -> None:
+        row = await self.store.get_message(message_id)
+        if row is None or row.state != MessageState.AWAITING_READ or row.request is None:
+            return
+        await self._finish(row, ExchangeRequest.from_json(row.request),
+                           Result(row.id, outcome, detail, row.received_at, reason=reason))
+
     async def _pbx_down(self, row: MessageRow, call_id: str, exc: Exception) -> None:
         """Nothing was dialled: forget the attempt and try again later, within the monitor window."""
         await self.store.finish_call(call_id, outcome="not-placed", failed_party=None, cause=None,
@@ -202,13 +254,13 @@ class Dispatcher:
 CAMPON_ACTIONS = (Action.CAMP_ON, Action.MONITOR, Action.CANCEL)
 
 
-def check_supported(request: ExchangeRequest) -> None:
+def check_supported(request: ExchangeRequest, *, to_person: bool = True) -> None:
     """Refuse at DATA what this gateway cannot carry out yet, rather than accept and fail later."""
     if request.action not in (Action.CONNECT, *CAMPON_ACTIONS):
         raise Refused(550, "5.3.3", f"field 'action': '{request.action}' is not available on this gateway yet")
-    if request.trigger != Trigger.ON_RECEIPT:
-        raise Refused(550, "5.3.3", f"field 'trigger': '{request.trigger}' is not available on this gateway yet"
-                                    " (only 'on-receipt' is)")
+    if request.trigger == Trigger.ON_READ and (request.action != Action.CONNECT or not to_person):
+        raise Refused(550, "5.3.3", "field 'trigger': 'on-read' needs action 'connect' and a person as the "
+                                    "recipient (someone who reads the mail)")
     if request.scenario_name or request.scenario_inline:
         raise Refused(550, "5.3.3", "field 'scenario': scenarios are not available on this gateway yet")
 
@@ -243,6 +295,12 @@ def decide(request: ExchangeRequest, row: MessageRow, now: datetime) -> Wait | F
                              f"the request could not be carried out within its monitor time "
                              f"({_minutes(request.monitor)})", row.received_at, reason="expired"))
     return Dial()
+
+
+def on_read_header(request: ExchangeRequest, notifier: Notifier) -> str:
+    """What the reader is told will happen when they open the mail (one header line, ASCII-safe)."""
+    who = notifier.label(request.from_number, request.confidential)
+    return Header(f"Opening this message will connect you with {who}", "utf-8").encode()  # RFC 2047 if needed
 
 
 def plan(request: ExchangeRequest) -> str:

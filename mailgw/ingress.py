@@ -113,7 +113,7 @@ class IngressHandler:
             return self.campons.parse_reply(raw, mail_from, rcpt)
         request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config)
         if request is not None:
-            check_supported(request)
+            check_supported(request, to_person=self.directory.by_address(rcpt) is not None)
             if self.campons is not None:  # camp-on: duplicates, limits, who may cancel
                 self.campons.admit(request)
         return request

@@ -7,6 +7,7 @@ Maildir reader (Dovecot, mutt, ``mailgw inbox``) sees whole messages only. Readi
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import os
@@ -14,8 +15,10 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from .spool import write_durably
 
@@ -72,3 +75,58 @@ def mark_seen(mail: StoredMail) -> StoredMail:
 
 def _flags(name: str) -> str:
     return name.split(":2,", 1)[1] if ":2," in name else ""
+
+
+def read_state(root: Path, address: str, name: str) -> bool | None:
+    """Whether the message delivered as ``name`` was read (Seen), not yet (False), or is gone
+    (None: deleted, or moved out of the Maildir by its reader)."""
+    folder = maildir_for(root, address)
+    base = name.split(":2,")[0]
+    for sub in ("cur", "new"):
+        directory = folder / sub
+        if not directory.is_dir():
+            continue
+        for entry in os.listdir(directory):
+            if entry.split(":2,")[0] == base:
+                return sub == "cur" and "S" in _flags(entry)
+    return None
+
+
+class ReadWatcher:
+    """Watches delivered request mails for the moment their reader opens them.
+
+    The signal is the Maildir ``S`` (Seen) flag, which every reader of the Maildir sets: Dovecot
+    serving it over IMAP, mutt, ``mailgw inbox --read``. The watcher polls (every ``interval``
+    seconds; one directory listing per watched mail), which also works on network file systems
+    where change notifications do not arrive. Each watched mail fires exactly one callback:
+    read, gone (deleted unread), or expired (still unread at its deadline).
+    """
+
+    def __init__(self, root: Path, *, on_read: Callable[[str], Awaitable[None]],
+                 on_gone: Callable[[str], Awaitable[None]], on_expired: Callable[[str], Awaitable[None]],
+                 interval: float = 0.5) -> None:
+        self.root = Path(root)
+        self.on_read, self.on_gone, self.on_expired = on_read, on_gone, on_expired
+        self.interval = interval
+        self._watched: dict[str, tuple[str, str, datetime]] = {}  # message id -> (address, name, deadline)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def watch(self, message_id: str, address: str, name: str, deadline: datetime) -> None:
+        self._watched[message_id] = (address, name, deadline)
+
+    @property
+    def watched(self) -> list[str]:
+        return list(self._watched)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)  # the poll period, not a synchronisation
+            for message_id, (address, name, deadline) in list(self._watched.items()):
+                state = await asyncio.to_thread(read_state, self.root, address, name)
+                if state is False and datetime.now(timezone.utc) < deadline:
+                    continue
+                self._watched.pop(message_id, None)  # fire once, whatever happens next
+                callback = self.on_read if state else self.on_gone if state is None else self.on_expired
+                task = asyncio.create_task(callback(message_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)

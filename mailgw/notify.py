@@ -49,6 +49,8 @@ OUTCOME_STATUS = {
     "rejected": "5.7.1",        # delivery not authorised, refused
     # camp-on and status monitor (mailgw/campon.py)
     "camping": "4.2.0",         # not yet: the gateway keeps trying (the real code is the last attempt's)
+    "delivered": "2.0.0",       # on-read: in the recipient's mailbox, waiting to be read (not final)
+    "deleted": "5.0.0",         # on-read: deleted unread
     "cancelled": "5.0.0",       # ended by the sender (or an admin) before it could connect
     "refused": "5.7.1",         # refused by policy (limits, duplicate) after acceptance
     "already-ended": "5.0.0",   # a cancel that came after the camp-on had ended
@@ -61,7 +63,7 @@ OUTCOME_JA = {
     "answered": "接続", "dry-run": "確認のみ", "busy": "話し中", "no-answer": "応答なし",
     "unreachable": "圏外・電源オフ", "congestion": "回線混雑", "expired": "期限切れ", "failed": "失敗",
     "invalid-number": "番号が存在しません", "rejected": "着信拒否",
-    "camping": "待機中", "cancelled": "取消", "refused": "ポリシーにより拒否", "already-ended": "終了済み",
+    "delivered": "配信済み", "deleted": "未読削除", "camping": "待機中", "cancelled": "取消", "refused": "ポリシーにより拒否", "already-ended": "終了済み",
     "unwatchable": "監視できません", "line-state": "状態通知", "monitored": "監視終了",
 }
 
@@ -161,8 +163,8 @@ class Notifier:
             "detail": result.detail,
             "request": request,
             "confidential": request.confidential,
-            "from_label": self._label(request.from_number, request.confidential),
-            "to_label": self._label(request.to_number, request.confidential),
+            "from_label": self.label(request.from_number, request.confidential),
+            "to_label": self.label(request.to_number, request.confidential),
             "destination_name": self._name(request.to_number, request.confidential),
             "received_at": _local(result.received_at),
             "answered_at": _local(result.answered_at) if result.answered_at else "",
@@ -181,7 +183,7 @@ class Notifier:
             "gateway_address": self.config.sender_address,
         }
 
-    def _label(self, number: str | None, confidential: bool) -> str:
+    def label(self, number: str | None, confidential: bool) -> str:
         if number is None:
             return "-"
         if confidential:

@@ -105,6 +105,7 @@ CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, next_try);
 class MessageState(StrEnum):
     QUEUED = "queued"          # stored, waiting for its stage to run
     EXECUTING = "executing"    # the PBX is being asked
+    AWAITING_READ = "awaiting-read"  # delivered to the recipient's mailbox; runs when they read it
     DONE = "done"              # finished; the outcome (if any) is recorded
     FAILED = "failed"          # finished without doing what was asked; the sender was told
 
@@ -300,8 +301,8 @@ class Store:
     async def unfinished_messages(self) -> list[MessageRow]:
         """Everything a restarted gateway must pick up again, oldest first."""
         rows = await self._run(
-            self._query, "SELECT * FROM messages WHERE state IN (?, ?) ORDER BY received_at, id",
-            (MessageState.QUEUED, MessageState.EXECUTING))
+            self._query, "SELECT * FROM messages WHERE state IN (?, ?, ?) ORDER BY received_at, id",
+            (MessageState.QUEUED, MessageState.EXECUTING, MessageState.AWAITING_READ))
         return [_message(r) for r in rows]
 
     async def set_state(self, message_id: str, state: MessageState, *, stage: str, detail: str = "",
@@ -396,6 +397,19 @@ class Store:
             ("UPDATE messages SET state = ?, outcome = ?, status = ?, detail = ?, updated_at = ? WHERE id = ?",
              (state, outcome, status, detail, now, message_id)),
             ("INSERT INTO stages VALUES (?,?,?,?)", (message_id, now, "outcome", f"{outcome} ({status}) {detail}")),
+        ]
+        if notification is not None:
+            statements += _outbox_insert(notification)
+        await self._commit(statements)
+
+    async def await_read(self, message_id: str, maildir_name: str, notification: "OutboxEntry | None") -> None:
+        """The request's mail is in the recipient's Maildir as ``maildir_name`` (the "mail link"):
+        record that and queue the sender's "delivered" notice in one transaction."""
+        now = _ts(utcnow())
+        statements: Statements = [
+            ("UPDATE messages SET state = ?, detail = ?, updated_at = ? WHERE id = ?",
+             (MessageState.AWAITING_READ, maildir_name, now, message_id)),
+            ("INSERT INTO stages VALUES (?,?,?,?)", (message_id, now, "awaiting-read", maildir_name)),
         ]
         if notification is not None:
             statements += _outbox_insert(notification)

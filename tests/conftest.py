@@ -138,21 +138,24 @@ def request_mail(sender: str, recipient: str, body: str, *, subject: str = "call
     return message
 
 
-async def wait_stage(store: Store, request_id: str, stage: str, timeout: float = 10.0) -> str:
-    """Await the moment the gateway durably records ``stage`` for ``request_id``; returns its detail."""
-    loop = asyncio.get_running_loop()
-    seen: asyncio.Future[str] = loop.create_future()
+async def wait_stage(store: Store, request_id: str, stage: str, timeout: float = 10.0, *, count: int = 1) -> str:
+    """Await the moment the gateway durably records ``stage`` for ``request_id`` (the ``count``-th
+    time); returns its detail. The store is the truth; its listener only says "look again"."""
+    changed = asyncio.Event()
 
     def listener(rid: str, recorded: str, detail: str) -> None:
-        if rid == request_id and recorded == stage and not seen.done():
-            seen.set_result(detail)
+        if rid == request_id and recorded == stage:
+            changed.set()
 
-    store.stage_listeners.append(listener)
+    store.stage_listeners.append(listener)  # before the first look, so nothing slips between
     try:
-        for _, recorded, detail in await store.stages(request_id):
-            if recorded == stage:
-                return detail
-        return await asyncio.wait_for(seen, timeout)
+        async with asyncio.timeout(timeout):
+            while True:
+                changed.clear()
+                found = [detail for _, recorded, detail in await store.stages(request_id) if recorded == stage]
+                if len(found) >= count:
+                    return found[count - 1]
+                await changed.wait()
     finally:
         store.stage_listeners.remove(listener)
 

@@ -164,7 +164,8 @@ async def test_ordinary_mail_to_a_person_is_delivered_not_dialled(gateway: Gatew
     ("cti@a.example", "to: 2001&Local/9999\n", 550, "5.6.0", "field 'to'", "DATA"),
     ("cti@a.example", "action: cancel\nrequest: nosuch-1\n", 550, "5.6.0",
      "field 'request': nosuch-1 is not a pending camp-on or monitor", "DATA"),
-    ("bob@a.example", "trigger: on-read\n", 550, "5.3.3", "field 'trigger': 'on-read' is not available", "DATA"),
+    ("cti@a.example", "to: 2001\ntrigger: on-read\n", 550, "5.3.3",
+     "field 'trigger': 'on-read' needs action 'connect' and a person as the recipient", "DATA"),
 ])
 async def test_bad_requests_are_refused_with_a_reason_and_nothing_is_dialled(
         gateway: Gateway, recipient: str, body: str, code: int, status: str, text: str, stage: str) -> None:
