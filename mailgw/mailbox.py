@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import logging
 import email.policy
 import os
 import secrets
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from .spool import write_durably
+
+log = logging.getLogger("mailgw.mailbox")
 
 
 def maildir_for(root: Path, address: str) -> Path:
@@ -109,14 +112,9 @@ class ReadWatcher:
         self.on_read, self.on_gone, self.on_expired = on_read, on_gone, on_expired
         self.interval = interval
         self._watched: dict[str, tuple[str, str, datetime]] = {}  # message id -> (address, name, deadline)
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def watch(self, message_id: str, address: str, name: str, deadline: datetime) -> None:
         self._watched[message_id] = (address, name, deadline)
-
-    @property
-    def watched(self) -> list[str]:
-        return list(self._watched)
 
     async def run(self) -> None:
         while True:
@@ -127,6 +125,9 @@ class ReadWatcher:
                     continue
                 self._watched.pop(message_id, None)  # fire once, whatever happens next
                 callback = self.on_read if state else self.on_gone if state is None else self.on_expired
-                task = asyncio.create_task(callback(message_id))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                # Awaited here, not spawned: each is one short store write (or a notice), and a
+                # gateway that stops by cancelling run() must not leave one writing to a closed store.
+                try:
+                    await callback(message_id)
+                except Exception:  # one broken entry must not stop read detection for the others
+                    log.exception("reading trigger for %s failed", message_id)
