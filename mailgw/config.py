@@ -7,6 +7,7 @@ Unknown keys are errors: a typo in a config file must not be silently ignored.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 from dataclasses import dataclass, field, replace
@@ -154,6 +155,9 @@ class Config:
     directory: Path = field(default_factory=lambda: shipped("config", "directory.yaml"))
     destinations: Path | None = None
     mailbox_root: Path = Path("mailbox")
+    # A group that may read and flag the Maildirs (an IMAP server such as Dovecot serving them):
+    # delivered files become 0660 and folders 2770 with this group. None: private (0600/0700).
+    mailbox_group: str | None = None
     templates: Path = field(default_factory=lambda: shipped("templates"))
     pbx: PbxConfig = PbxConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -207,6 +211,16 @@ def readable_secrets_warning(path: Path) -> str | None:
     return None
 
 
+def _mailbox_group(value: object) -> str | None:
+    if value is None:
+        return None
+    try:
+        grp.getgrnam(str(value))
+    except KeyError:
+        raise ConfigError(f"mailbox.group: there is no group {value!r} on this machine") from None
+    return str(value)
+
+
 # --- building -----------------------------------------------------------------------------------
 
 _TOP_KEYS = {
@@ -221,7 +235,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     d = Config()
     smtp = _section(raw, "smtp", {"listen", "max_message_size"})
     outbound = _section(raw, "outbound", {"smarthost", "retry_interval", "max_retry_interval", "give_up_after"})
-    mailbox = _section(raw, "mailbox", {"root"})
+    mailbox = _section(raw, "mailbox", {"root", "group"})
     pbx = _section(raw, "pbx", {"ami", "simulator", "dial_context", "connect_context", "ring_timeout",
                                 "caller_id", "max_concurrent_calls"})
     ami = _section(pbx, "ami", {"host", "port", "username", "secret"}, "pbx.")
@@ -260,6 +274,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         directory=_path(raw, "directory", d.directory, base),
         destinations=_path(raw, "destinations", None, base),
         mailbox_root=_path(mailbox, "root", d.mailbox_root, base),
+        mailbox_group=_mailbox_group(mailbox.get("group")),
         templates=_path(raw, "templates", d.templates, base),
         pbx=PbxConfig(
             ami=AmiConfig(

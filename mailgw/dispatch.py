@@ -103,7 +103,8 @@ class Dispatcher:
 
     async def _deliver_mail(self, row: MessageRow) -> None:
         raw = await asyncio.to_thread(row.spool_path.read_bytes)
-        await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, raw)
+        await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, raw,
+                                group=self.config.mailbox_group)
         await self.store.set_state(row.id, MessageState.DONE, stage="delivered", detail=f"to {row.rcpt_to}")
         log.info("mail %s delivered to the mailbox of %s", row.id, row.rcpt_to)
 
@@ -179,7 +180,8 @@ class Dispatcher:
         raw = await asyncio.to_thread(row.spool_path.read_bytes)
         note = on_read_header(request, self.notifier)
         path = await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to,
-                                       f"X-CTI-On-Read: {note}\r\n".encode("utf-8") + raw)
+                                       f"X-CTI-On-Read: {note}\r\n".encode("utf-8") + raw,
+                                       group=self.config.mailbox_group)
         notice = None
         if request.notify:
             mail = self.notifier.result_mail(request, Result(row.id, "delivered", f"delivered to {row.rcpt_to}",

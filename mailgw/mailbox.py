@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import email
-import logging
 import email.policy
+import grp
+import logging
 import os
 import secrets
 import socket
@@ -33,13 +34,27 @@ def maildir_for(root: Path, address: str) -> Path:
     return Path(root) / address
 
 
-def deliver(root: Path, address: str, raw: bytes) -> Path:
-    """Deliver one message durably into ``address``'s Maildir; returns its path in ``new/``."""
+def deliver(root: Path, address: str, raw: bytes, *, group: str | None = None) -> Path:
+    """Deliver one message durably into ``address``'s Maildir; returns its path in ``new/``.
+
+    With ``group`` (``mailbox.group``) the Maildir is shared with that group: an IMAP server
+    running as a member (Dovecot's ``mail_uid``/``mail_gid``) can read the message, set its flags
+    (rename it into ``cur/``) and keep its index files beside it."""
     folder = maildir_for(root, address)
-    for sub in ("tmp", "new", "cur"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+    gid = grp.getgrnam(group).gr_gid if group else None
+    for directory in (folder, *(folder / sub for sub in ("tmp", "new", "cur"))):
+        _make_folder(directory, gid)
     name = f"{time.time_ns() // 1000}.M{secrets.token_hex(6)}P{os.getpid()}.{socket.gethostname().replace('/', '-')}"
-    return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp")
+    return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp", gid=gid)
+
+
+def _make_folder(directory: Path, gid: int | None) -> None:
+    if directory.is_dir():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    if gid is not None:
+        os.chown(directory, -1, gid)
+        os.chmod(directory, 0o2770)  # setgid: what the IMAP server creates here keeps the group
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,8 @@ class Outbox:
         if self.config.is_local_domain(domain):
             if self.directory.by_address(address) is None:
                 raise PermanentFailure(f"no mailbox here for {address}")
-            await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, address, raw)
+            await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, address, raw,
+                                    group=self.config.mailbox_group)
             return
         smarthost = self.config.outbound.smarthost
         if smarthost is None:

@@ -18,13 +18,17 @@ def new_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
 
 
-def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> Path:
-    """Write ``data`` to ``path`` so that it survives a crash once this returns."""
+def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: int | None = None) -> Path:
+    """Write ``data`` to ``path`` so that it survives a crash once this returns. With ``gid`` the
+    file is readable and writable by that group (0660) before it appears under its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = (tmp_dir or path.parent) / f".{path.name}.{secrets.token_hex(4)}.tmp"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, 0o660)  # after the chown: the umask cannot narrow an explicit fchmod
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
