@@ -4,6 +4,7 @@
     mailgw send     --call 2001 [...]                compose and submit a request mail
     mailgw inbox    ADDRESS [--read N]               list / read a person's mailbox (reading marks it Seen)
     mailgw requests [--config FILE] [--data DIR]     recent requests and how they ended
+    mailgw scenario check FILE...                    check scenario files (file:line:column: problem)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .config import ConfigError, load_config, readable_secrets_warning
 from .directory import DirectoryError
 from .campon_cli import register as register_campons
 from .pbx.phone_cli import register as register_phone
+from .scenario_cli import register as register_scenario
 
 EX_TEMPFAIL = 75
 EX_UNAVAILABLE = 69
@@ -91,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     requests.set_defaults(run=_requests)
     register_campons(sub)
     register_phone(sub)
+    register_scenario(sub)
     return parser
 
 
