@@ -109,8 +109,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_level != "DEBUG":
         logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP command at INFO
     config = load_config(args.config, data_dir=args.data)
-    if args.config is not None and (warning := readable_secrets_warning(args.config)):
-        logging.getLogger("mailgw").warning(warning)
+    for path in (args.config, config.directory):  # the directory may hold IMAP passwords
+        if path is not None and (warning := readable_secrets_warning(path)):
+            logging.getLogger("mailgw").warning(warning)
     from .gateway import serve  # the gateway pulls in the whole stack; other commands stay light
 
     async def run() -> None:

@@ -202,7 +202,8 @@ def readable_secrets_warning(path: Path) -> str | None:
     """A warning when a config file holding a secret can be read by other users of the machine."""
     try:
         mode = Path(path).stat().st_mode
-        holds_secret = "secret" in Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
+        holds_secret = "secret" in text or "password:" in text
     except OSError:
         return None
     if holds_secret and mode & 0o077:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from email_validator import EmailNotValidError, validate_email
 
+from .imapbox import ImapAccount
 from .yamlfile import read_yaml
 
 
@@ -27,6 +28,7 @@ class Person:
     groups: tuple[str, ...] = ()
     numbers: tuple[str, ...] = field(default=())  # other numbers that are this person (mobile, DID)
     secret: str | None = field(default=None, repr=False)  # SMTP AUTH password hash (mailgw passwd)
+    imap: ImapAccount | None = None  # a remote IMAP mailbox; None: the embedded Maildir
 
     @property
     def local_part(self) -> str:
@@ -91,7 +93,7 @@ def load_directory(path: Path) -> Directory:
 def _person(entry: object, where: str) -> Person:
     if not isinstance(entry, dict):
         raise DirectoryError(f"{where}: must be a mapping")
-    unknown = set(entry) - {"address", "name", "extension", "language", "groups", "numbers", "secret"}
+    unknown = set(entry) - {"address", "name", "extension", "language", "groups", "numbers", "secret", "mailbox"}
     if unknown:
         raise DirectoryError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     address = normalise_address(str(entry.get("address", "")))
@@ -108,7 +110,40 @@ def _person(entry: object, where: str) -> Person:
         groups=tuple(str(g) for g in entry.get("groups") or ()),
         numbers=tuple(str(n) for n in entry.get("numbers") or ()),
         secret=_secret(entry.get("secret"), where),
+        imap=_mailbox(entry.get("mailbox"), where),
     )
+
+
+_IMAP_KEYS = {"backend", "host", "port", "tls", "username", "password", "folder"}
+
+
+def _mailbox(value: object, where: str) -> ImapAccount | None:
+    """``mailbox: {backend: maildir}`` (the default) or ``{backend: imap, host, port, ...}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise DirectoryError(f"{where}: mailbox must be a mapping such as {{backend: imap, host: ...}}")
+    backend = value.get("backend", "maildir")
+    if backend == "maildir":
+        if set(value) - {"backend"}:
+            raise DirectoryError(f"{where}: mailbox: backend maildir takes no other keys")
+        return None
+    if backend != "imap":
+        raise DirectoryError(f"{where}: mailbox.backend must be maildir or imap, not {backend!r}")
+    unknown = set(value) - _IMAP_KEYS
+    if unknown:
+        raise DirectoryError(f"{where}: mailbox: unknown key {sorted(unknown)[0]!r}")
+    tls = value.get("tls", "none")
+    if tls not in ("none", "tls"):
+        raise DirectoryError(f"{where}: mailbox.tls must be none or tls (IMAPS; STARTTLS is not offered)")
+    for key in ("host", "username", "password"):
+        if not isinstance(value.get(key), str) or not value[key]:
+            raise DirectoryError(f"{where}: mailbox.{key} is required for backend imap")
+    port = value.get("port", 993 if tls == "tls" else 143)
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise DirectoryError(f"{where}: mailbox.port must be a port number")
+    return ImapAccount(host=value["host"], port=port, username=value["username"], password=value["password"],
+                       tls=tls == "tls", folder=str(value.get("folder", "INBOX")))
 
 
 def _secret(value: object, where: str) -> str | None:

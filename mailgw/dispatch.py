@@ -24,7 +24,7 @@ from email.header import Header
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from . import mailbox
+from . import imapbox, mailbox
 from .campon import Campons, should_camp
 from .config import Config
 from .notify import Notifier, Result
@@ -37,6 +37,7 @@ from .store import CallEnd, MessageRow, MessageState, Store, utcnow
 log = logging.getLogger("mailgw.dispatch")
 
 PBX_RETRY_SECONDS = 5.0  # first wait when the PBX is down; doubles up to a minute
+MAILBOX_RETRY_SECONDS = 30.0  # a remote IMAP mailbox that refused or could not be reached
 
 
 class Dispatcher:
@@ -52,6 +53,8 @@ class Dispatcher:
         self.campons: Campons | None = None  # set by the gateway; without it camp-ons are not run
         self.reading = mailbox.ReadWatcher(config.mailbox_root, on_read=self._on_read, on_gone=self._on_gone,
                                            on_expired=self._on_unread_expired)
+        self.imap_reading = imapbox.ImapReadWatcher(on_read=self._on_read, on_gone=self._on_gone,
+                                                    on_expired=self._on_unread_expired)
 
     def submit(self, message_ids: list[str]) -> None:
         """Called by ingress after the 250: start working on the new entries."""
@@ -174,25 +177,59 @@ class Dispatcher:
     async def _await_reading(self, row: MessageRow, request: ExchangeRequest) -> None:
         """Deliver the request to its recipient's mailbox (once) and watch for it being read."""
         deadline = row.received_at + timedelta(seconds=request.monitor)
+        account = self._imap_account(row.rcpt_to)
         if row.state == MessageState.AWAITING_READ and row.detail:  # resumed after a restart
-            self.reading.watch(row.id, row.rcpt_to, row.detail, deadline)
+            self._watch(row.id, row.rcpt_to, account, row.detail, deadline)
             return
         raw = await asyncio.to_thread(row.spool_path.read_bytes)
         note = on_read_header(request, self.notifier)
-        path = await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to,
-                                       f"X-CTI-On-Read: {note}\r\n".encode("utf-8") + raw,
-                                       group=self.config.mailbox_group)
+        marked = f"X-CTI-On-Read: {note}\r\n".encode("utf-8") + raw
+        if account is not None:
+            try:
+                link = await imapbox.append(account, marked)
+            except imapbox.ImapError as exc:
+                # Nothing was delivered: try again later, within the request's monitor window.
+                await self._mailbox_down(row, request, deadline, exc)
+                return
+        else:
+            path = await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, marked,
+                                           group=self.config.mailbox_group)
+            link = path.name
         notice = None
         if request.notify:
             mail = self.notifier.result_mail(request, Result(row.id, "delivered", f"delivered to {row.rcpt_to}",
                                                              row.received_at, deadline=deadline))
             notice = await self.outbox.prepare(mail, rcpt_to=request.sender, request_id=row.id)
-        await self.store.await_read(row.id, path.name, notice)
-        self.reading.watch(row.id, row.rcpt_to, path.name, deadline)
+        await self.store.await_read(row.id, link, notice)
+        self._watch(row.id, row.rcpt_to, account, link, deadline)
         log.info("request %s delivered to the mailbox of %s; runs when it is read (until %s)", row.id,
                  row.rcpt_to, deadline.astimezone().strftime("%H:%M:%S"))
         if notice is not None:
             self.outbox.wake()
+
+    def _imap_account(self, address: str) -> imapbox.ImapAccount | None:
+        person = self.notifier.directory.by_address(address)
+        return person.imap if person is not None else None
+
+    def _watch(self, message_id: str, address: str, account: imapbox.ImapAccount | None, link: str,
+               deadline: datetime) -> None:
+        if account is not None and imapbox.parse_link(link) is not None:
+            self.imap_reading.watch(message_id, account, link, deadline)
+        else:
+            self.reading.watch(message_id, address, link, deadline)
+
+    async def _mailbox_down(self, row: MessageRow, request: ExchangeRequest, deadline: datetime,
+                            exc: Exception) -> None:
+        if utcnow() >= deadline:
+            await self._finish(row, request, Result(row.id, "failed", f"could not deliver to the mailbox of "
+                                                    f"{row.rcpt_to} ({exc})", row.received_at, reason="expired"))
+            return
+        delay = min(MAILBOX_RETRY_SECONDS, max((deadline - utcnow()).total_seconds(), 0.0))
+        await self.store.set_state(row.id, MessageState.QUEUED, stage="waiting",
+                                   detail=f"mailbox unavailable ({exc}); retry in {delay:.0f}s",
+                                   not_before=utcnow() + timedelta(seconds=delay))
+        log.warning("request %s: mailbox of %s unavailable (%s); retry in %.0fs", row.id, row.rcpt_to, exc, delay)
+        self._start_later(row.id, delay)
 
     async def _on_read(self, message_id: str) -> None:
         await self.store.set_state(message_id, MessageState.QUEUED, stage="read")

@@ -41,7 +41,7 @@ class Gateway:
         self.campons: Campons | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._watcher: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
 
     @property
     def smtp_port(self) -> int:
@@ -64,7 +64,8 @@ class Gateway:
         self.campons = Campons(self.config, self.directory, self.store, self.pbx, notifier, self.outbox)
         self.dispatcher.campons = self.campons
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
-        self._watcher = asyncio.create_task(self.dispatcher.reading.run(), name="read-watcher")
+        self._watchers = [asyncio.create_task(self.dispatcher.reading.run(), name="read-watcher"),
+                          asyncio.create_task(self.dispatcher.imap_reading.run(), name="imap-read-watcher")]
         await self.campons.start()  # before the dispatcher: camp-ons resume from their own rows
         await self.dispatcher.resume()
         handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)
@@ -94,9 +95,9 @@ class Gateway:
             await self.dispatcher.stop()
         if self.campons is not None:
             await self.campons.stop()
-        if self._watcher is not None:  # polls forever: cancel it (the outbox below finishes its mail)
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for watcher in self._watchers:  # they poll forever: cancel them (the outbox below finishes its mail)
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         self.outbox.stop()
         _, pending = await asyncio.wait(self._tasks, timeout=10) if self._tasks else (set(), set())
         for task in pending:

@@ -10,6 +10,7 @@ of skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -24,6 +25,9 @@ from typing import Iterator
 
 import pytest
 
+from mailgw.config import load_config
+from mailgw.directory import load_directory
+
 MAIL_USER = "nobody"
 
 
@@ -32,11 +36,29 @@ class Dovecot:
     port: int
     mail_root: Path  # the Maildir root it serves: give it to the gateway as mailbox.root
     group: str       # the group to share the Maildirs with: the gateway's mailbox.group
-    process: subprocess.Popen[bytes]
+    config: Path
     log: Path
+    process: subprocess.Popen[bytes] | None = None
 
     def password(self, address: str) -> str:
         return f"pw-{address.partition('@')[0]}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([_dovecot_binary(), "-F", "-c", str(self.config)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _await_listening(self)
+
+    def stop(self) -> None:
+        """Stop the server (clients see their connections drop); ``start()`` brings it back."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
 
 
 def _dovecot_binary() -> str:
@@ -87,45 +109,48 @@ service anvil {{
 """
 
 
-@pytest.fixture
-def dovecot() -> Iterator[Dovecot]:
-    binary = _dovecot_binary()
+def start_dovecot(extra_config: str = "") -> Dovecot:
+    """A running Dovecot with a login for every person of the shipped directory."""
     user = pwd.getpwnam(MAIL_USER)
-    group = grp.getgrgid(user.pw_gid).gr_name
     # Not under pytest's tmp_path: that is mode 0700 for root, which Dovecot's user cannot pass,
     # and Dovecot's socket paths must stay short.
     base = Path(tempfile.mkdtemp(prefix="dovecot-"))
     mail_root = base / "mail"
-    mail_root.mkdir()
+    for folder in (mail_root, base / "run", base / "state"):
+        folder.mkdir()
     os.chmod(base, 0o711)
-    os.chmod(mail_root, 0o711)
-    for sub in ("run", "state"):
-        (base / sub).mkdir()
-    from mailgw.directory import load_directory
-    from mailgw.config import load_config
+    os.chown(mail_root, user.pw_uid, user.pw_gid)  # Dovecot makes the Maildirs of IMAP-only people
+    os.chmod(mail_root, 0o770)
+    dv = Dovecot(_free_port(), mail_root, grp.getgrgid(user.pw_gid).gr_name, base / "dovecot.conf",
+                 base / "dovecot.log")
     people = load_directory(load_config(None).directory).people
-    dv = Dovecot(0, mail_root, group, None, base / "dovecot.log")  # type: ignore[arg-type]
     (base / "users").write_text("".join(
         f"{p.address}:{{PLAIN}}{dv.password(p.address)}:{user.pw_uid}:{user.pw_gid}::{mail_root / p.address}::\n"
         for p in people))
-    dv.port = _free_port()
-    (base / "dovecot.conf").write_text(_config(base, mail_root, dv.port))
-    dv.process = subprocess.Popen([binary, "-F", "-c", str(base / "dovecot.conf")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dv.config.write_text(_config(base, mail_root, dv.port) + extra_config)
+    dv.start()
+    return dv
+
+
+@contextlib.contextmanager
+def running_dovecot(extra_config: str = "") -> Iterator[Dovecot]:
+    _dovecot_binary()  # skip or fail before making anything
+    dv = start_dovecot(extra_config)
     try:
-        _await_listening(dv)
         yield dv
     finally:
-        dv.process.terminate()
-        try:
-            dv.process.wait(10)
-        except subprocess.TimeoutExpired:
-            dv.process.kill()
-            dv.process.wait(5)
-        shutil.rmtree(base, ignore_errors=True)
+        dv.stop()
+        shutil.rmtree(dv.config.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    with running_dovecot() as dv:
+        yield dv
 
 
 def _await_listening(dv: Dovecot, timeout: float = 15.0) -> None:
+    assert dv.process is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if dv.process.poll() is not None:
