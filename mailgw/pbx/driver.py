@@ -44,6 +44,13 @@ party's Dial. The outcome is decided by ``decide`` (a pure function) from:
 call is in progress, ``connect`` raises PbxError at once: the call may still be up on the PBX,
 which ``find_call(call_id)`` (CoreShowChannels) can tell after the reconnect.
 
+A question by phone (``ask``, for a scenario's ``confirm: {via: phone}``) is an async Originate of
+``Local/<n>@<dial_context>`` with ``Application: Read`` and ``Data: MAILGW_ANSWER,<prompt>,1,,1,
+<timeout>``: Asterisk's Read() plays the prompt, reads one key and sets the channel variable, then
+``READSTATUS`` (OK / TIMEOUT / HANGUP); each set is a ``VarSet`` event of the ``;1`` channel
+(Uniqueid ``<call_id>``), which is what ``ask`` waits for (no Getvar round trip: the channel hangs
+up as soon as Read() returns). A failed ring is decided like the first party of a connect.
+
 As a real PBX sends the hang-up cause just before or just after the result, a failure waits a
 short grace (``cause_grace``) for it. Events may arrive in any order; the state machine does not
 care. Many connects run concurrently on one session; events are routed to their call by
@@ -67,7 +74,7 @@ from typing import TYPE_CHECKING
 
 from . import ami
 from .ami import Field, Message, Parser
-from .port import CallOutcome, ConnectResult, Party, PbxError, PbxUnavailable
+from .port import AskResult, CallOutcome, ConnectResult, Party, PbxError, PbxUnavailable
 from .port import LineCallback, LineState, line_state_of_device, line_state_of_status
 
 if TYPE_CHECKING:
@@ -590,6 +597,9 @@ class AmiClient:
 
 _NUMBER = re.compile(r"\+?[0-9]{1,20}")
 _CALL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_PROMPT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,199}")  # a sound name or path: no , | ( ) or spaces
+ASK_VARIABLE = "MAILGW_ANSWER"
+PROMPT_ALLOWANCE = 120.0  # seconds a prompt may play, in the bound of one ask
 
 REASON_OUTCOME = {5: CallOutcome.BUSY, 3: CallOutcome.NO_ANSWER, 8: CallOutcome.CONGESTION}
 DIAL_STATUS_OUTCOME = {
@@ -716,6 +726,65 @@ def decide(state: ConnectState, *, grace_over: bool) -> tuple[CallOutcome, Party
     if state.from_gone and state.originate_ok and state.to_channel is None:
         # The first party answered and hung up before the second was even dialled.
         return (CallOutcome.FAILED, Party.FROM, None) if grace_over else None
+    return None
+
+
+def check_prompt(prompt: str) -> str:
+    """A prompt goes into Read()'s argument list: only a plain sound name or absolute path."""
+    if not isinstance(prompt, str) or not _PROMPT.fullmatch(prompt.lstrip("/")) or ".." in prompt:
+        raise ValueError(f"not a sound name or path the PBX can play: {prompt!r}")
+    return prompt
+
+
+@dataclass
+class AskState:
+    """What has been seen of one question by phone (filled by ``apply_ask``)."""
+
+    call_id: str
+    started_at: datetime
+    answered_at: datetime | None = None
+    originate_ok: bool | None = None
+    originate_reason: int | None = None
+    cause: int | None = None  # Hangup cause of the ;2 leg
+    gone: bool = False  # the ;1 channel hung up
+    digits: str | None = None  # the Read() variable's value
+    read_status: str | None = None
+
+
+def apply_ask(state: AskState, msg: Message, now: datetime) -> None:
+    event, uniqueid = msg.event, msg.get("Uniqueid")
+    if event == "OriginateResponse":
+        state.originate_ok = (msg.get("Response") or "").lower() == "success"
+        if state.originate_ok:
+            state.answered_at = state.answered_at or now
+        else:
+            reason = msg.get("Reason") or ""
+            state.originate_reason = int(reason) if reason.isdigit() else 0
+    elif event == "VarSet" and uniqueid == state.call_id:
+        if msg.get("Variable") == ASK_VARIABLE:
+            state.digits = msg.get("Value") or ""
+        elif msg.get("Variable") == "READSTATUS":
+            state.read_status = (msg.get("Value") or "").upper()
+    elif event == "Hangup":
+        cause_text = msg.get("Cause") or ""
+        if uniqueid == f"{state.call_id}-2":
+            state.cause = int(cause_text) if cause_text.isdigit() else 0
+        elif uniqueid == state.call_id:
+            state.gone = True
+
+
+def decide_ask(state: AskState, *, grace_over: bool) -> tuple[CallOutcome, str | None, int | None] | None:
+    """(outcome, key pressed or None, cause) once known, else None (keep waiting)."""
+    if state.read_status is not None:
+        key = (state.digits or "")[:1] or None
+        return CallOutcome.ANSWERED, key if state.read_status == "OK" else None, None
+    if state.originate_ok is False:
+        if state.cause is None and not grace_over:
+            return None
+        base = REASON_OUTCOME.get(state.originate_reason or 0, CallOutcome.FAILED)
+        return refine(base, state.cause), None, state.cause or None
+    if state.originate_ok and state.gone:
+        return CallOutcome.ANSWERED, None, None  # answered, hung up before Read() finished
     return None
 
 
@@ -850,6 +919,70 @@ class AmiPbx:
         log.debug("call %s: %s -> %s: %s%s", call_id, from_number, to_number, outcome.value,
                  f" ({party.value} party, cause {cause})" if party else "")
         return result
+
+    async def ask(self, call_id: str, number: str, prompt: str, *, timeout: float, ring_timeout: float,
+                  caller_id: str) -> AskResult:
+        check_call_id(call_id)
+        check_number(number)
+        check_prompt(prompt)
+        if not (timeout > 0 and ring_timeout > 0):
+            raise ValueError("timeout and ring_timeout must be positive")
+        async with self._slots:
+            return await self._ask(call_id, number, prompt, timeout, ring_timeout, caller_id)
+
+    async def _ask(self, call_id: str, number: str, prompt: str, timeout: float, ring_timeout: float,
+                   caller_id: str) -> AskResult:
+        state = AskState(call_id, datetime.now(timezone.utc))
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        action_id = self.client.next_action_id()
+
+        def feed(msg: Message) -> None:
+            if msg.event == "OriginateResponse" and msg.get("ActionID") != action_id:
+                return
+            apply_ask(state, msg, datetime.now(timezone.utc))
+            changed.set()
+
+        # One listener per question (they are rare); registered before the Originate goes out.
+        remove = self.client.add_listener(feed, "OriginateResponse", "VarSet", "Hangup")
+        lost = self.client.session_lost()
+        try:
+            reply = await self.client.action("Originate", [
+                ("ActionID", action_id),
+                ("Channel", f"Local/{number}@{self.config.dial_context}"),
+                ("Application", "Read"),
+                ("Data", f"{ASK_VARIABLE},{prompt},1,,1,{max(1, round(timeout))}"),
+                ("Timeout", str(int(ring_timeout * 1000))),
+                ("CallerID", caller_id),
+                ("Async", "true"),
+                ("ChannelId", call_id),
+                ("OtherChannelId", f"{call_id}-2"),
+            ])
+            if not reply.ok:
+                raise PbxError(f"Originate refused: {reply.message}")
+            deadline = loop.time() + ring_timeout + timeout + PROMPT_ALLOWANCE + self.connect_margin
+            grace_until: float | None = None
+            while (verdict := decide_ask(state, grace_over=grace_until is not None
+                                         and loop.time() >= grace_until)) is None:
+                if grace_until is None and decide_ask(state, grace_over=True) is not None:
+                    grace_until = loop.time() + self.cause_grace
+                if lost.done():
+                    raise PbxError(f"AMI connection lost during call {call_id}; its outcome is unknown")
+                if loop.time() >= deadline:
+                    raise PbxError(f"call {call_id}: no answer to the question in time")
+                changed.clear()
+                wake = deadline if grace_until is None else min(deadline, grace_until)
+                waiter = asyncio.ensure_future(changed.wait())
+                await asyncio.wait((waiter, lost), timeout=max(0.0, wake - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        finally:
+            remove()
+        outcome, digit, cause = verdict
+        log.debug("call %s: asked %s: %s, key %s", call_id, number, outcome.value, digit or "-")
+        return AskResult(call_id=call_id, outcome=outcome, digit=digit, cause=cause, started_at=state.started_at,
+                         answered_at=state.answered_at if outcome is CallOutcome.ANSWERED else None,
+                         ended_at=datetime.now(timezone.utc))
 
     async def _outcome(self, tracker: _Tracker, lost: asyncio.Future[None],
                        bound: float) -> tuple[CallOutcome, Party | None, int | None]:

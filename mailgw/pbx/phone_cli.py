@@ -1,8 +1,9 @@
 """``mailgw phone``: drive the PBX by hand for demos (most commands are simulator-only).
 
     mailgw phone list                                   phones and their states (ExtensionStateList)
-    mailgw phone 2000 busy|answer|no-answer|unreachable|dnd|congestion [--answer-after S]
-                                                        change a simulated phone (SimPhone)
+    mailgw phone 2000 busy|answer|no-answer|unreachable|dnd|congestion [--answer-after S] [--digit 1|none]
+                                                        change a simulated phone (SimPhone); --digit is
+                                                        the key it presses when a call asks it (Read())
     mailgw phone call --from 0312345678 --to 2000 [--answered-by 2001 | --nobody-answers] [--withheld]
                                                         an incoming call from outside (SimIncoming)
     mailgw phone forward 2000 0312345678                call forward in AstDB CF/2000 (DBPut)
@@ -41,6 +42,7 @@ def register(subparsers: Any) -> None:
                        help="list | calls | <ext> <behaviour> | call | forward <ext> <number> | unforward <ext>")
     phone.add_argument("--answer-after", type=float, metavar="S")
     phone.add_argument("--talk-time", type=float, metavar="S")
+    phone.add_argument("--digit", metavar="KEY", help="the DTMF key the phone presses when asked (none: no key)")
     phone.add_argument("--from", dest="from_number", metavar="NUMBER")
     phone.add_argument("--to", metavar="EXT[&EXT...]")
     who = phone.add_mutually_exclusive_group()
@@ -81,6 +83,8 @@ def build_action(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
             fields["AnswerAfter"] = f"{args.answer_after:g}"
         if args.talk_time is not None:
             fields["TalkTime"] = f"{args.talk_time:g}"
+        if args.digit is not None:
+            fields["Digit"] = args.digit
         return "SimPhone", fields
     raise ValueError(f"unknown phone command: {' '.join(words)} (see mailgw phone --help)")
 

@@ -15,8 +15,11 @@ Phone book file (``pbx/phones.yaml``)::
 
 Per entry: ``behaviour`` (below), ``answer_after`` (seconds of ringing before answering, for
 ``answer``; default 0), ``talk_time`` (overrides the top-level one), ``fax`` (true: a fax
-machine that receives ``SendFAX``; default false). Durations may be numbers of
-seconds or strings such as ``"1.5s"`` / ``"2m"``.
+machine that receives ``SendFAX``; default false), ``digit`` (the DTMF key the person presses
+when a call asks them something with ``Read()``, e.g. ``"1"`` for yes, ``"2"`` for no; default
+none: they press nothing and the question times out) and ``digit_after`` (seconds after the
+prompt before they press it; default 1). Durations may be numbers of seconds or strings such as
+``"1.5s"`` / ``"2m"``.
 
 Behaviours (what a caller of the number experiences):
 
@@ -110,6 +113,8 @@ class PhoneSpec:
     answer_after: float = 0.0
     talk_time: float = DEFAULT_TALK_TIME
     fax: bool = False  # a fax machine: SendFAX to it succeeds
+    digit: str | None = None  # the DTMF key pressed when asked (Read()); None: presses nothing
+    digit_after: float = 1.0  # seconds after the prompt before the key is pressed
 
 
 @dataclass(frozen=True)
@@ -180,13 +185,28 @@ class Phone:
 
 
 def with_behaviour(spec: PhoneSpec, behaviour: Behaviour, answer_after: float | None,
-                   talk_time: float | None) -> PhoneSpec:
+                   talk_time: float | None, digit: str | None = None) -> PhoneSpec:
+    """``spec`` with what SimPhone changes; ``digit`` "" means "presses nothing", None keeps it."""
     return replace(
         spec,
         behaviour=behaviour,
         answer_after=spec.answer_after if answer_after is None else answer_after,
         talk_time=spec.talk_time if talk_time is None else talk_time,
+        digit=spec.digit if digit is None else (digit or None),
     )
+
+
+DTMF_KEYS = frozenset("0123456789*#ABCD")
+
+
+def parse_digit(value: Any, where: str = "digit") -> str | None:
+    """A single DTMF key (0-9, *, #, A-D), or None for "presses nothing" (null / empty)."""
+    if value is None or value == "":
+        return None
+    text = str(value).strip().upper()
+    if text not in DTMF_KEYS:
+        raise PhoneBookError(f"{where}: {value!r} is not one DTMF key (0-9, *, #, A-D)")
+    return text
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -227,10 +247,10 @@ def _entry(entry: Any, talk_time: float, where: str) -> PhoneSpec:
         entry = {"behaviour": entry}
     if not isinstance(entry, dict):
         raise PhoneBookError(f"{where}: must be a behaviour or a mapping")
-    unknown = set(entry) - {"behaviour", "answer_after", "talk_time", "fax"}
+    unknown = set(entry) - {"behaviour", "answer_after", "talk_time", "fax", "digit", "digit_after"}
     if unknown:
         raise PhoneBookError(f"{where}.{sorted(unknown)[0]}: unknown key "
-                             "(known: answer_after, behaviour, fax, talk_time)")
+                             "(known: answer_after, behaviour, digit, digit_after, fax, talk_time)")
     if not isinstance(entry.get("fax", False), bool):
         raise PhoneBookError(f"{where}.fax: must be true or false")
     behaviour = parse_behaviour(entry.get("behaviour", "answer"), where)
@@ -239,6 +259,8 @@ def _entry(entry: Any, talk_time: float, where: str) -> PhoneSpec:
         answer_after=_duration(entry.get("answer_after", 0), f"{where}.answer_after"),
         talk_time=_duration(entry.get("talk_time", talk_time), f"{where}.talk_time"),
         fax=entry.get("fax", False),
+        digit=parse_digit(entry.get("digit"), f"{where}.digit"),
+        digit_after=_duration(entry.get("digit_after", 1.0), f"{where}.digit_after"),
     )
 
 

@@ -47,6 +47,23 @@ class ConnectResult:
     ended_at: datetime  # when the result was known (bridge or failure), not the hang-up
 
 
+@dataclass(frozen=True)
+class AskResult:
+    """How a question by phone ended (``PbxPort.ask``: a prompt, then one DTMF key).
+
+    ``outcome`` is the call's: ANSWERED when the phone answered (then ``digit`` is the key pressed,
+    or None when nothing was pressed before the timeout), else why it was not answered.
+    """
+
+    call_id: str
+    outcome: CallOutcome
+    digit: str | None
+    cause: int | None
+    started_at: datetime
+    answered_at: datetime | None
+    ended_at: datetime
+
+
 class LineState(StrEnum):
     """What a phone is doing, as the PBX reports it (Asterisk extension/device state, capture 05)."""
 
@@ -95,6 +112,13 @@ class PbxPort(Protocol):
         so a restarted gateway can find a call it had placed. Returns when both answered or one
         failed; raises PbxError when the PBX could not be asked at all.
         """
+        ...
+
+    async def ask(self, call_id: str, number: str, prompt: str, *, timeout: float, ring_timeout: float,
+                  caller_id: str) -> AskResult:
+        """Ring ``number``; when it answers, play ``prompt`` (a sound name or a path the PBX can
+        read, without extension) and read one DTMF key within ``timeout`` seconds (Asterisk
+        ``Read()``). ``call_id`` as for ``connect``. Raises PbxError when the PBX could not be asked."""
         ...
 
     async def find_call(self, call_id: str) -> bool:

@@ -59,7 +59,8 @@ implement the same), with ``<dial>`` = ``dial_context`` and ``<connect>`` = ``co
   BridgeLeave ×2, BridgeDestroy, Hangup cause 16.
 * An Originate with ``Application:``/``Data:`` runs the application once the phone answered:
   ``Playback`` sets ``PLAYBACKSTATUS=SUCCESS`` after 2 s and hangs up (capture 04), ``Wait(n)``
-  waits n seconds, any other application runs for 2 s.
+  waits n seconds, ``Read(var,prompt,1,,1,timeout)`` plays the prompt and collects the key the
+  phone presses (phone book ``digit``; see ``_read``), any other application runs for 2 s.
 * An Originate into any other context just keeps the answered phone up for its talk time.
 * A channel technology other than ``Local`` is unknown (capture 03d: Reason 0, no events); a
   Local channel into a context other than ``<dial>`` is a missing extension (capture 03e).
@@ -67,7 +68,8 @@ implement the same), with ``<dial>`` = ``dial_context`` and ``<connect>`` = ``co
 Simulator-only actions (not in Asterisk; the ``Sim`` prefix cannot collide with Asterisk's)
 ------------------------------------------------------------------------------------------
 * ``SimPhone`` — ``Phone: <n>``, ``Behaviour: answer|busy|dnd|no-answer|unreachable|congestion``,
-  optional ``AnswerAfter: <s>``, ``TalkTime: <s>``: change how a phone behaves from now on (its
+  optional ``AnswerAfter: <s>``, ``TalkTime: <s>``, ``Digit: <key>`` (what it presses when a
+  ``Read()`` asks it; ``Digit: none`` presses nothing): change how a phone behaves from now on (its
   device state follows at once, with ExtensionStatus/DeviceStateChange). Also
   ``AmiSimulator.set_phone`` in-process.
 * ``SimCalls`` — a list action (optional ``CallId:`` filter): one ``Event: SimCall`` per call the
@@ -79,7 +81,8 @@ Simulator-only actions (not in Asterisk; the ``Sim`` prefix cannot collide with 
 
 Events emitted: Newchannel, Newstate, LocalBridge, DialBegin, DialState, DialEnd,
 OriginateResponse, HangupRequest, SoftHangupRequest, Hangup (Cause + Cause-txt), BridgeCreate,
-BridgeEnter, BridgeLeave, BridgeDestroy, VarSet (PLAYBACKSTATUS only), DeviceStateChange (Local
+BridgeEnter, BridgeLeave, BridgeDestroy, VarSet (PLAYBACKSTATUS; Read()'s variable and READSTATUS),
+DTMFBegin/DTMFEnd (a key pressed during Read()), DeviceStateChange (Local
 devices and phones), ExtensionStatus (phones), FullyBooted, SuccessfulAuth, InvalidPassword.
 Deliberately not emitted (dial-plan noise no client should depend on): Newexten, most VarSet,
 NewCallerid, NewConnectedLine, RequestBadFormat, and duplicate DeviceStateChange events.
@@ -130,6 +133,7 @@ from .phones import (
     attempt_for,
     load_phone_book,
     parse_behaviour,
+    parse_digit,
     with_behaviour,
 )
 from .port import CallOutcome
@@ -146,6 +150,7 @@ CALL = "call,all"
 DEFAULT_ORIGINATE_TIMEOUT = 30.0  # seconds, when Timeout is absent or not positive
 DEFAULT_DIAL_TIMEOUT = 30.0
 APPLICATION_RUN_TIME = 2.0
+READ_TIMEOUT = 10.0  # Read() without a timeout: Asterisk waits the channel's response timeout
 LOGIN_FAILURE_DELAY = 1.0
 MAX_WRITE_BUFFER = 8 * 1024 * 1024  # a client this far behind is dropped, like Asterisk's writetimeout
 MAX_PENDING_INPUT = 1024 * 1024  # unterminated input a client may leave in our buffer
@@ -296,6 +301,7 @@ class CallRecord:
     ended_at: float | None = None
     direction: str = "outbound"  # "incoming" for SimIncoming calls from outside
     answered_by: str | None = None  # incoming calls: the extension that answered
+    digits: str | None = None  # Read(): the DTMF keys the phone pressed ("" when none)
 
     @property
     def outcome(self) -> CallOutcome | None:
@@ -334,6 +340,7 @@ def call_record_fields(rec: CallRecord) -> list[Field]:
         ("EndedAt", opt(rec.ended_at)),
         ("Direction", rec.direction),
         ("AnsweredBy", opt(rec.answered_by)),
+        ("Digits", opt(rec.digits)),
     ]
 
 
@@ -717,15 +724,17 @@ class AmiSimulator(ManagerActions, IncomingCalls):
     # --- public in-process API -----------------------------------------------------------------
 
     def set_phone(self, number: str, behaviour: Behaviour | str, *, answer_after: float | None = None,
-                  talk_time: float | None = None) -> Phone:
-        """Change how a phone behaves (what the SimPhone action does)."""
+                  talk_time: float | None = None, digit: str | None = None) -> Phone:
+        """Change how a phone behaves (what the SimPhone action does); ``digit`` is the key it
+        presses when a Read() asks it something ("" = none; None keeps the current one)."""
         behaviour = parse_behaviour(behaviour)
         phone = self._phone(number)
         if phone is None:  # not in the book and no default: create it
             phone = Phone(number, PhoneSpec(), hinted=False)
             self.phones[number] = phone
         before = phone.device_state
-        phone.spec = with_behaviour(phone.spec, behaviour, answer_after, talk_time)
+        phone.spec = with_behaviour(phone.spec, behaviour, answer_after, talk_time,
+                                    None if digit is None else (parse_digit(digit, "digit") or ""))
         self._pinned.add(number)
         self._device_changed(phone, before)
         return phone
@@ -920,19 +929,24 @@ class AmiSimulator(ManagerActions, IncomingCalls):
             behaviour = parse_behaviour(msg.get("Behaviour") or "")
             answer_after = _optional_seconds(msg.get("AnswerAfter"), "AnswerAfter")
             talk_time = _optional_seconds(msg.get("TalkTime"), "TalkTime")
+            digit = msg.get("Digit")
+            if digit is not None and digit.strip().lower() not in ("", "none"):
+                parse_digit(digit, "Digit")
+            elif digit is not None:
+                digit = ""
         except PhoneBookError as exc:
             session.respond(msg, "Error", ("Message", str(exc)))
             return
         # Reply first, then the state-change events, in the order Asterisk's Setvar of a device
         # state gives them (capture 05).
         phone = self._phone(number) or Phone(number, PhoneSpec(), hinted=False)
-        spec = with_behaviour(phone.spec, behaviour, answer_after, talk_time)
+        spec = with_behaviour(phone.spec, behaviour, answer_after, talk_time, digit)
         state = Phone(number, spec, phone.hinted, phone.ringing, phone.talking).device_state
         status, text = EXTENSION_STATUS[state]
         session.respond(msg, "Success", ("Message", "Phone updated"), ("Phone", number),
                         ("Behaviour", behaviour.value), ("State", state.value), ("Status", str(status)),
                         ("StatusText", text))
-        self.set_phone(number, behaviour, answer_after=answer_after, talk_time=talk_time)
+        self.set_phone(number, behaviour, answer_after=answer_after, talk_time=talk_time, digit=digit)
 
     def _action_sim_calls(self, session: _Session, msg: Message) -> None:
         wanted = msg.get("CallId")
@@ -1144,7 +1158,7 @@ class AmiSimulator(ManagerActions, IncomingCalls):
             elif name == "dial" and args:
                 await self._connect_second_party(call, a, args)
                 return
-            elif name in ("chanspy", "confbridge", "sendfax", "receivefax"):
+            elif name in ("chanspy", "confbridge", "sendfax", "receivefax", "read"):
                 await self._run_application(call, a, Step(step.app, ",".join(args)))
                 return
             elif name in ("wait", "playback"):
@@ -1616,6 +1630,10 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         elif name == "sendfax":
             record = self._send_fax(call, a, (step.args() or [""])[0])
             run_time = play_seconds(record)
+        elif name == "read":
+            if not await self._read(call, a, step.args()):
+                return
+            run_time = 0.0
         if not await self._step_time(call, a, run_time):
             return
         if name == "playback":
@@ -1624,6 +1642,34 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         # Capture 04: the application returns, ;1 hangs up first, both with cause 0.
         self._application_ended(a, 0)
         call.record.ended_at = time.time()
+
+    async def _read(self, call: _Call, a: _Leg, args: list[str]) -> bool:
+        """``Read(variable,prompt[&prompt2],maxdigits,options,attempts,timeout)``: play the prompt,
+        then collect the key the phone presses (its ``digit``, after ``digit_after`` s) or time
+        out. As Asterisk's app_read, it sets the variable (empty when nothing was pressed), then
+        ``READSTATUS`` (OK / TIMEOUT); each set is a VarSet event on ``;1``, and a key pressed is
+        DTMFBegin + DTMFEnd (Direction Received) on ``;1`` first. False when the call ended."""
+        variable = args[0] if args and args[0] else "READ"
+        prompts = [f for f in (args[1] if len(args) > 1 else "").split("&") if f]
+        timeout = _float_arg(args[5:6], 0.0) or READ_TIMEOUT
+        prompt_time = sum(play_seconds(self._record_media("heard", f, a.number, a.two, call)) for f in prompts)
+        if not await self._step_time(call, a, prompt_time):
+            return False
+        spec = a.phone.spec if a.phone is not None else None
+        digit = spec.digit if spec is not None and spec.digit_after <= timeout else None
+        if not await self._step_time(call, a, spec.digit_after if digit and spec else timeout):
+            return False
+        if digit:
+            for event, extra in (("DTMFBegin", []), ("DTMFEnd", [("DurationMs", "120")])):
+                self._broadcast([("Event", event), ("Privilege", "dtmf,all"), *channel_fields(a.one),
+                                 ("Digit", digit), ("Direction", "Received"), *extra])
+        call.record.digits = digit or ""
+        a.one.variables[variable] = digit or ""
+        a.one.variables["READSTATUS"] = "OK" if digit else "TIMEOUT"
+        for name in (variable, "READSTATUS"):
+            self._broadcast([("Event", "VarSet"), ("Privilege", "dialplan,all"), *channel_fields(a.one),
+                             ("Variable", name), ("Value", a.one.variables[name])])
+        return True
 
     def _application_ended(self, a: _Leg, cause: int) -> None:
         """An originated application's ``;1`` hangs up, then its ``;2`` (captures 04 and 08b)."""
