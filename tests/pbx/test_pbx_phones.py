@@ -27,7 +27,7 @@ def test_the_demo_phone_book_is_exactly_the_documented_one() -> None:
     book = load_phone_book(shipped("pbx", "phones.yaml"))
     assert book.phones == {
         "2000": PhoneSpec(Behaviour.ANSWER, 1.0, 20.0),
-        "2001": PhoneSpec(Behaviour.ANSWER, 2.0, 20.0),
+        "2001": PhoneSpec(Behaviour.ANSWER, 2.0, 20.0, digit="1"),  # presses 1 (yes) when asked
         "2002": PhoneSpec(Behaviour.ANSWER, 1.0, 20.0),
         "2003": PhoneSpec(Behaviour.BUSY, 0.0, 20.0),
         "2004": PhoneSpec(Behaviour.NO_ANSWER, 0.0, 20.0),
