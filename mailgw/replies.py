@@ -32,6 +32,10 @@ from .request import Action, CamponMode, ExchangeRequest, Priority, Trigger
 from .status import Refused
 
 CANCEL_WORDS = frozenset({"cancel", "取消", "取り消し", "取消し", "キャンセル", "stop"})
+# A scenario's "confirm via mail" inquiry is answered OK / NG (first word of the reply, NFKC-folded,
+# so full-width ＯＫ counts too).
+YES_WORDS = frozenset({"ok", "okay", "yes", "y", "はい", "了解", "承認", "お願いします"})
+NO_WORDS = frozenset({"ng", "no", "n", "いいえ", "不可", "拒否", "だめ", "ダメ"})
 _SUBJECT_ID = re.compile(r"\[([A-Za-z0-9._-]{1,64})\]")
 _MESSAGE_ID = re.compile(r"<[^<>\s]{1,250}>")
 MAX_REPLY_LINES = 200
@@ -59,6 +63,17 @@ def first_word(text: str) -> str:
         word = re.split(r"[\s.,!。、！]+", line, maxsplit=1)[0]
         return word.casefold()
     return ""
+
+
+def confirm_answer(text: str) -> str | None:
+    """The answer a reply to an inquiry gives: "yes" (OK, はい, ...), "no" (NG, いいえ, ...), or None
+    when its first word (above the quoted part) is neither."""
+    word = first_word(text)
+    if word in YES_WORDS:
+        return "yes"
+    if word in NO_WORDS:
+        return "no"
+    return None
 
 
 def _body_text(message: Message) -> str:
