@@ -147,6 +147,16 @@ class NumberingConfig:
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    """Voice and FAX parts (see mailgw/media.py and docs/media.md)."""
+
+    spool: Path | None = None  # converted files the PBX reads; None: <data_dir>/media
+    max_voice_seconds: float = 300.0
+    max_fax_pages: int = 20
+    max_part_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class Config:
     domains: tuple[str, ...] = ("a.example",)
     data_dir: Path = Path("var")
@@ -165,6 +175,7 @@ class Config:
     requests: RequestConfig = RequestConfig()
     numbering: NumberingConfig = NumberingConfig()
     campon: CamponConfig = CamponConfig()
+    media: MediaConfig = MediaConfig()
     language: str = "en"
     gateway_address: str = ""  # From of the mail we send; default mailgw@<first domain>
 
@@ -227,7 +238,7 @@ def _mailbox_group(value: object) -> str | None:
 _TOP_KEYS = {
     "domains", "data_dir", "smtp", "outbound", "directory", "destinations", "mailbox",
     "templates", "pbx", "policy", "security", "requests", "numbering", "language", "gateway_address",
-    "campon",
+    "campon", "media",
 }
 
 
@@ -321,6 +332,8 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
             extension_pattern=_str(numbering, "extension_pattern", d.numbering.extension_pattern, "numbering."),
         ),
         campon=_campon(campon, d.campon),
+        media=_media(_section(raw, "media", {"spool", "max_voice_seconds", "max_fax_pages", "max_part_bytes"}),
+                     d.media, base),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
     )
@@ -345,6 +358,19 @@ def _campon(raw: dict[str, Any], d: CamponConfig) -> CamponConfig:
         max_per_target=count("max_per_target"), max_concurrent_originates=count("max_concurrent_originates"),
         admins=tuple(a.strip().lower() for a in admins), poll_interval=duration("poll_interval"),
         monitor_mail_interval=duration("monitor_mail_interval"),
+    )
+
+
+def _media(raw: dict[str, Any], d: MediaConfig, base: Path) -> MediaConfig:
+    pages = _int(raw, "max_fax_pages", d.max_fax_pages, "media.")
+    size = _size(raw.get("max_part_bytes"), d.max_part_bytes, "media.max_part_bytes")
+    if pages < 1 or size < 1:
+        key = "max_fax_pages" if pages < 1 else "max_part_bytes"
+        raise ConfigError(f"media.{key}: must be at least 1")
+    return MediaConfig(
+        spool=_path(raw, "spool", d.spool, base),
+        max_voice_seconds=_duration(raw.get("max_voice_seconds"), d.max_voice_seconds, "media.max_voice_seconds"),
+        max_fax_pages=pages, max_part_bytes=size,
     )
 
 

@@ -20,7 +20,8 @@ from .directory import Directory, normalise_address
 from .auth import DirectoryAuthenticator, Sender, dkim_signer, session_sender
 from .policy import Verdict, authorise, check_number_rate, check_rate, sender_limit
 from .dispatch import check_supported
-from .request import ExchangeRequest, describe, parse_request
+from .media import MediaError, MediaLimits, check_message
+from .request import ExchangeRequest, PartKind, describe, parse_request
 from .routing import route_recipient
 from .spool import Spool, new_id
 from .status import Refused, Reply
@@ -79,6 +80,8 @@ class IngressHandler:
                                                 "(automatic replies and result mails are not read)")
                 if request is not None:
                     request = await self._authorise(request, sender, rcpt, raw)
+                if request is not None:
+                    await self._check_media(raw, request)
                 requests.append((rcpt, request))
             await self._check_rate(requests)
         except Refused as refusal:
@@ -134,6 +137,17 @@ class IngressHandler:
                               Reply(250, "2.0.0", "delivered to the mailbox only: the sender is not authenticated"))
             return None
         return request
+
+    async def _check_media(self, raw: bytes, request: ExchangeRequest) -> None:
+        """A voice or FAX part the PBX could not play or send is refused now, not after 250."""
+        if not any(p.kind in (PartKind.VOICE, PartKind.FAX) for p in request.parts):
+            return  # most requests: no thread hop
+        try:
+            await asyncio.to_thread(check_message, raw, request.parts, MediaLimits.of(self.config.media))
+        except MediaError as exc:
+            if exc.over_limit:
+                raise Refused(552, "5.3.4", str(exc)) from None
+            raise Refused(550, "5.6.1", str(exc)) from None
 
     async def _check_rate(self, requests: list[tuple[str, ExchangeRequest | None]]) -> None:
         policy = self.config.policy

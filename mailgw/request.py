@@ -585,6 +585,11 @@ def _walk(message: Message) -> _Structure:
     return found
 
 
+def walk_leaves(message: Message) -> list[tuple[int, Message]]:
+    """The leaf parts with the 1-based index ``Part.index`` gives them (for ``media.part_bytes``)."""
+    return _walk(message).leaves
+
+
 def _is_attachment(entity: Message) -> bool:
     try:
         return entity.get_content_disposition() == "attachment"
@@ -974,7 +979,8 @@ def _check_required(action: Action, to_number: str | None, from_number: str | No
 # --- parts ---------------------------------------------------------------------------------------
 
 # Documents the media module can send as a FAX.
-_FAX_TYPES = {"image/tiff", "image/tif", "image/x-tiff", "image/g3fax", "application/pdf"}
+_FAX_TYPES = {"image/tiff", "image/tif", "image/x-tiff", "image/g3fax", "application/pdf", "image/png",
+              "image/jpeg", "image/jpg", "image/pjpeg", "image/gif", "image/bmp"}
 
 
 def part_kind(content_type: str) -> PartKind:

@@ -70,11 +70,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import ami
 from .ami import Field, Message, Parser
-from .port import AskResult, CallOutcome, ConnectResult, Party, PbxError, PbxUnavailable
+from .media import tiff_pages, wav_seconds
+from .port import AskResult, CallOutcome, ConnectResult, DeliveryResult, Party, PbxError, PbxUnavailable
 from .port import LineCallback, LineState, line_state_of_device, line_state_of_status
 
 if TYPE_CHECKING:
@@ -729,6 +731,78 @@ def decide(state: ConnectState, *, grace_over: bool) -> tuple[CallOutcome, Party
     return None
 
 
+@dataclass
+class DeliveryState:
+    """What has been seen of one ``play`` / ``send_fax`` call so far (filled by ``apply_delivery``).
+
+    The application runs on the originated ``;1`` (Uniqueid ``<call_id>``, capture 04); the
+    ``;2`` (``<call_id>-2``) rings the phone, and its hang-up cause says why a call failed.
+    """
+
+    call_id: str
+    started_at: datetime
+    fax: bool = False
+    answered_at: datetime | None = None
+    originate_ok: bool | None = None
+    originate_reason: int | None = None
+    failed_cause: int | None = None  # Hangup cause of the ;2 leg
+    end_cause: int | None = None  # Hangup cause of our ;1, once the application ended
+    gone: bool = False
+    pages: int | None = None  # SendFAX event: PagesTransferred
+    to_twin = None  # no second party (what _route looks for)
+
+
+def apply_delivery(state: DeliveryState, msg: Message, now: datetime) -> None:
+    event = msg.event
+    if event == "OriginateResponse":
+        if (msg.get("Response") or "").lower() == "success":
+            state.originate_ok = True
+            state.answered_at = state.answered_at or now
+        else:
+            state.originate_ok = False
+            reason = msg.get("Reason") or ""
+            state.originate_reason = int(reason) if reason.isdigit() else 0
+    elif event == "Hangup":
+        cause_text = msg.get("Cause") or ""
+        cause = int(cause_text) if cause_text.isdigit() else 0
+        if msg.get("Uniqueid") == state.call_id:
+            state.gone, state.end_cause = True, cause
+        else:
+            state.failed_cause = cause
+    elif event == "SendFAX":
+        pages = msg.get("PagesTransferred") or ""
+        state.pages = int(pages) if pages.isdigit() else 0
+
+
+def decide_delivery(state: DeliveryState, *, grace_over: bool) -> tuple[CallOutcome, Party | None, int | None] | None:
+    """The delivery's outcome once known, else None. Same shape as ``decide`` (party is None)."""
+    if state.originate_ok is False:
+        if state.failed_cause is None and not grace_over:
+            return None
+        base = REASON_OUTCOME.get(state.originate_reason or 0, CallOutcome.FAILED)
+        return refine(base, state.failed_cause), None, state.failed_cause or None
+    if state.originate_ok and state.gone:
+        if state.fax and not state.pages:
+            if state.pages is None and not grace_over:
+                return None  # the SendFAX event may still be on its way
+            return CallOutcome.FAILED, None, state.end_cause or None  # answered, but no page went through
+        return CallOutcome.ANSWERED, None, state.end_cause or None
+    return None
+
+
+_MEDIA_PATH = re.compile(r"/[A-Za-z0-9/._-]{1,400}")
+FAX_SECONDS_PER_PAGE = 60.0  # a T.4 page at 9600 bit/s takes well under a minute
+UNKNOWN_MEDIA_SECONDS = 600.0
+
+
+def check_media_path(path: Path) -> str:
+    """Only absolute paths of plain characters reach an application's Data (no ``,`` ``|`` ``..``)."""
+    text = str(path)
+    if not _MEDIA_PATH.fullmatch(text) or ".." in Path(text).parts:
+        raise ValueError(f"media path must be absolute, of [A-Za-z0-9/._-]: {text!r}")
+    return text
+
+
 def check_prompt(prompt: str) -> str:
     """A prompt goes into Read()'s argument list: only a plain sound name or absolute path."""
     if not isinstance(prompt, str) or not _PROMPT.fullmatch(prompt.lstrip("/")) or ".." in prompt:
@@ -789,16 +863,17 @@ def decide_ask(state: AskState, *, grace_over: bool) -> tuple[CallOutcome, str |
 
 
 class _Tracker:
-    """Routes events into a ConnectState and wakes the waiting ``connect``."""
+    """Routes events into a call's state and wakes the waiting ``connect`` / ``play`` / ``send_fax``."""
 
-    __slots__ = ("state", "_waiter")
+    __slots__ = ("state", "_apply", "_waiter")
 
-    def __init__(self, state: ConnectState) -> None:
+    def __init__(self, state: Any, apply_event: Callable[[Any, Message, datetime], None] = apply) -> None:
         self.state = state
+        self._apply = apply_event
         self._waiter: asyncio.Future[None] | None = None
 
     def feed(self, msg: Message) -> None:
-        apply(self.state, msg, datetime.now(timezone.utc))
+        self._apply(self.state, msg, datetime.now(timezone.utc))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -816,7 +891,7 @@ class AmiPbx:
     in the background (``connect`` raises ``PbxError`` until it is back).
     """
 
-    ROUTED_EVENTS = ("OriginateResponse", "DialBegin", "DialEnd", "Hangup")
+    ROUTED_EVENTS = ("OriginateResponse", "DialBegin", "DialEnd", "Hangup", "SendFAX")
 
     def __init__(self, config: PbxConfig, *, cause_grace: float = 1.0, connect_margin: float = 10.0,
                  client: AmiClient | None = None) -> None:
@@ -878,38 +953,16 @@ class AmiPbx:
     async def _connect(self, call_id: str, from_number: str, to_number: str, ring_timeout: float,
                        caller_id: str) -> ConnectResult:
         cfg = self.config
-        if call_id in self._by_uniqueid:
-            raise ValueError(f"call {call_id!r} is already in progress")
         tracker = _Tracker(ConnectState(call_id, datetime.now(timezone.utc)))
-        action_id = self.client.next_action_id()
-        lost = self.client.session_lost()
-        # Registered before sending: the OriginateResponse may share a TCP read with the response.
-        self._by_action[action_id] = tracker
-        self._by_uniqueid[call_id] = self._by_uniqueid[f"{call_id}-2"] = tracker
-        try:
-            reply = await self.client.action("Originate", [
-                ("ActionID", action_id),
-                ("Channel", f"Local/{from_number}@{cfg.dial_context}"),
-                ("Context", cfg.connect_context),
-                ("Exten", to_number),
-                ("Priority", "1"),
-                ("Timeout", str(int(ring_timeout * 1000))),
-                ("CallerID", caller_id),
-                ("Async", "true"),
-                ("ChannelId", call_id),
-                ("OtherChannelId", f"{call_id}-2"),
-                ("Variable", f"MAILGW_RING_TIMEOUT={max(1, round(ring_timeout))}"),
-            ])
-            if not reply.ok:
-                raise PbxError(f"Originate refused: {reply.message}")
-            outcome, party, cause = await self._outcome(tracker, lost, 2 * ring_timeout + self.connect_margin)
-        finally:
-            self._by_action.pop(action_id, None)
-            for key in (call_id, f"{call_id}-2"):
-                self._by_uniqueid.pop(key, None)
-            twin = tracker.state.to_twin
-            if twin is not None:
-                self._by_channel.pop(twin, None)
+        outcome, party, cause = await self._originate(tracker, [
+            ("Channel", f"Local/{from_number}@{cfg.dial_context}"),
+            ("Context", cfg.connect_context),
+            ("Exten", to_number),
+            ("Priority", "1"),
+            ("Timeout", str(int(ring_timeout * 1000))),
+            ("CallerID", caller_id),
+            ("Variable", f"MAILGW_RING_TIMEOUT={max(1, round(ring_timeout))}"),
+        ], 2 * ring_timeout + self.connect_margin, decide)
         state = tracker.state
         result = ConnectResult(
             call_id=call_id, outcome=outcome, failed_party=party, cause=cause, started_at=state.started_at,
@@ -984,18 +1037,46 @@ class AmiPbx:
                          answered_at=state.answered_at if outcome is CallOutcome.ANSWERED else None,
                          ended_at=datetime.now(timezone.utc))
 
-    async def _outcome(self, tracker: _Tracker, lost: asyncio.Future[None],
-                       bound: float) -> tuple[CallOutcome, Party | None, int | None]:
+    async def _originate(self, tracker: _Tracker, fields: list[Field], bound: float,
+                         decide_by: Callable[..., Any]) -> tuple[CallOutcome, Party | None, int | None]:
+        """One async Originate whose ``;1`` / ``;2`` get the Uniqueids ``<call_id>`` / ``<call_id>-2``,
+        with its events routed to ``tracker`` until ``decide_by`` knows the outcome."""
+        call_id = tracker.state.call_id
+        if call_id in self._by_uniqueid:
+            raise ValueError(f"call {call_id!r} is already in progress")
+        action_id = self.client.next_action_id()
+        lost = self.client.session_lost()
+        # Registered before sending: the OriginateResponse may share a TCP read with the response.
+        self._by_action[action_id] = tracker
+        self._by_uniqueid[call_id] = self._by_uniqueid[f"{call_id}-2"] = tracker
+        try:
+            reply = await self.client.action("Originate", [
+                ("ActionID", action_id), *fields, ("Async", "true"),
+                ("ChannelId", call_id), ("OtherChannelId", f"{call_id}-2"),
+            ])
+            if not reply.ok:
+                raise PbxError(f"Originate refused: {reply.message}")
+            return await self._outcome(tracker, lost, bound, decide_by)
+        finally:
+            self._by_action.pop(action_id, None)
+            for key in (call_id, f"{call_id}-2"):
+                self._by_uniqueid.pop(key, None)
+            twin = tracker.state.to_twin
+            if twin is not None:
+                self._by_channel.pop(twin, None)
+
+    async def _outcome(self, tracker: _Tracker, lost: asyncio.Future[None], bound: float,
+                       decide_by: Callable[..., Any] = decide) -> tuple[CallOutcome, Party | None, int | None]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + bound
         grace_until: float | None = None
         while True:
             state = tracker.state
             grace_over = grace_until is not None and loop.time() >= grace_until
-            verdict = decide(state, grace_over=grace_over)
+            verdict = decide_by(state, grace_over=grace_over)
             if verdict is not None:
                 return verdict
-            if grace_until is None and decide(state, grace_over=True) is not None:
+            if grace_until is None and decide_by(state, grace_over=True) is not None:
                 grace_until = loop.time() + self.cause_grace
             if lost.done():
                 raise PbxError(f"AMI connection lost during call {state.call_id}; its outcome is "
@@ -1007,6 +1088,47 @@ class AmiPbx:
             await asyncio.wait((tracker.waiter(), lost), timeout=max(0.0, wake - now),
                                return_when=asyncio.FIRST_COMPLETED)
 
+    # --- voice messages and FAX (capture 04: Originate with Application) ----------------------------
+
+    async def play(self, call_id: str, number: str, media: Path, *, ring_timeout: float,
+                   caller_id: str) -> DeliveryResult:
+        """Ring ``number``; on answer ``Playback(<media without .wav>)``; the phone is hung up after."""
+        data = check_media_path(media)
+        sound = data[: -len(".wav")] if data.lower().endswith(".wav") else data  # Playback takes no extension
+        seconds = wav_seconds(Path(media)) or UNKNOWN_MEDIA_SECONDS
+        return await self._deliver(call_id, number, "Playback", sound, seconds, fax=False,
+                                   ring_timeout=ring_timeout, caller_id=caller_id)
+
+    async def send_fax(self, call_id: str, number: str, tiff: Path, *, ring_timeout: float,
+                       caller_id: str) -> DeliveryResult:
+        """Ring the fax machine ``number``; on answer ``SendFAX(<tiff>)``; pages from the SendFAX event."""
+        data = check_media_path(tiff)
+        pages = tiff_pages(Path(tiff))
+        seconds = FAX_SECONDS_PER_PAGE * pages if pages else UNKNOWN_MEDIA_SECONDS
+        return await self._deliver(call_id, number, "SendFAX", data, seconds, fax=True,
+                                   ring_timeout=ring_timeout, caller_id=caller_id)
+
+    async def _deliver(self, call_id: str, number: str, application: str, data: str, seconds: float, *,
+                       fax: bool, ring_timeout: float, caller_id: str) -> DeliveryResult:
+        check_call_id(call_id)
+        check_number(number)
+        if not ring_timeout > 0:
+            raise ValueError("ring_timeout must be positive")
+        async with self._slots:
+            tracker = _Tracker(DeliveryState(call_id, datetime.now(timezone.utc), fax=fax), apply_delivery)
+            outcome, _, cause = await self._originate(tracker, [
+                ("Channel", f"Local/{number}@{self.config.dial_context}"),
+                ("Application", application),
+                ("Data", data),
+                ("Timeout", str(int(ring_timeout * 1000))),
+                ("CallerID", caller_id),
+            ], ring_timeout + seconds + self.connect_margin, decide_delivery)
+        state = tracker.state
+        log.debug("%s %s to %s: %s", application, call_id, number, outcome.value)
+        return DeliveryResult(call_id=call_id, outcome=outcome, cause=cause, started_at=state.started_at,
+                              answered_at=state.answered_at, ended_at=datetime.now(timezone.utc),
+                              pages=(state.pages or 0) if fax else None)
+
     def _route(self, msg: Message) -> None:
         """Hand an event to the call it belongs to, if any (dictionary lookups only)."""
         event = msg.event
@@ -1014,7 +1136,7 @@ class AmiPbx:
         if event == "OriginateResponse":
             action_id = msg.get("ActionID")
             tracker = self._by_action.get(action_id) if action_id else None
-        elif event == "Hangup":
+        elif event in ("Hangup", "SendFAX"):
             tracker = self._by_uniqueid.get(msg.get("Uniqueid") or "") or \
                 self._by_channel.get(msg.get("Channel") or "")
         else:  # DialBegin / DialEnd: the dialling channel, else the dialled one

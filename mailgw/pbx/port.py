@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Callable, Protocol
 
 
@@ -62,6 +63,24 @@ class AskResult:
     started_at: datetime
     answered_at: datetime | None
     ended_at: datetime
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """How a voice message (``play``) or a FAX (``send_fax``) to one phone ended.
+
+    ``outcome`` is ANSWERED when the phone answered and the message was played / the FAX went
+    through (``pages`` sent); a FAX whose receiver answered but took no page is FAILED. ``cause``
+    is the Q.850 hang-up cause when the PBX gave one.
+    """
+
+    call_id: str
+    outcome: CallOutcome
+    cause: int | None
+    started_at: datetime
+    answered_at: datetime | None
+    ended_at: datetime  # when the phone hung up (after the message), or the failure was known
+    pages: int | None = None  # FAX only: pages the receiver took
 
 
 class LineState(StrEnum):
@@ -119,6 +138,17 @@ class PbxPort(Protocol):
         """Ring ``number``; when it answers, play ``prompt`` (a sound name or a path the PBX can
         read, without extension) and read one DTMF key within ``timeout`` seconds (Asterisk
         ``Read()``). ``call_id`` as for ``connect``. Raises PbxError when the PBX could not be asked."""
+        ...
+
+    async def play(self, call_id: str, number: str, media: Path, *, ring_timeout: float,
+                   caller_id: str) -> DeliveryResult:
+        """Ring ``number``; on answer play ``media`` (an 8 kHz WAV the PBX can read), then hang up.
+        Returns when the phone hung up or the call failed; raises PbxError as ``connect`` does."""
+        ...
+
+    async def send_fax(self, call_id: str, number: str, tiff: Path, *, ring_timeout: float,
+                       caller_id: str) -> DeliveryResult:
+        """Ring the fax machine ``number`` and send ``tiff`` (TIFF Class F) with SendFAX."""
         ...
 
     async def find_call(self, call_id: str) -> bool:

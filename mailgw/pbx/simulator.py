@@ -1376,6 +1376,14 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         a.one.variables["FAXSTATUS"] = "SUCCESS" if capable else "FAILED"
         return record
 
+    def _fax_done(self, a: _Leg, record: MediaRecord) -> None:
+        """res_fax's ``SendFAX`` event as the application returns (0 pages when the far end is no fax)."""
+        pages = (record.pages or 0) if record.kind == "fax-received" else 0
+        self._broadcast([("Event", "SendFAX"), ("Privilege", CALL), *channel_fields(a.one),
+                         ("LocalStationID", ""), ("RemoteStationID", a.number if pages else ""),
+                         ("PagesTransferred", str(pages)), ("Resolution", "8031x7700" if pages else ""),
+                         ("TransferRate", "14400" if pages else ""), ("FileName", record.name)])
+
     # --- ChanSpy (barge) and ConfBridge ----------------------------------------------------------------
 
     async def _chan_spy(self, call: _Call, a: _Leg, args: list[str]) -> None:
@@ -1636,6 +1644,8 @@ class AmiSimulator(ManagerActions, IncomingCalls):
             run_time = 0.0
         if not await self._step_time(call, a, run_time):
             return
+        if name == "sendfax":
+            self._fax_done(a, record)
         if name == "playback":
             self._broadcast([("Event", "VarSet"), ("Privilege", "dialplan,all"), *channel_fields(a.one),
                              ("Variable", "PLAYBACKSTATUS"), ("Value", "SUCCESS")])

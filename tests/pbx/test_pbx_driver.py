@@ -119,8 +119,8 @@ async def test_list_action_returns_items(sim: AmiSimulator, make_client: Callabl
     client = await make_client(sim.port)
     reply = await client.list_action("ExtensionStateList")
     assert reply.response.ok and reply.complete is not None
-    assert [e["Exten"] for e in reply.events] == ["2000", "2001", "2002", "2003", "2004", "2005"]
-    assert reply.complete["ListItems"] == "6"
+    assert [e["Exten"] for e in reply.events] == ["2000", "2001", "2002", "2003", "2004", "2005", "2009"]
+    assert reply.complete["ListItems"] == "7"
     # Plain actions still work afterwards: the list's ActionID was released.
     empty = await client.list_action("CoreShowChannels")
     assert empty.events == [] and empty.complete is not None and empty.complete["ListItems"] == "0"

@@ -32,6 +32,7 @@ def test_the_demo_phone_book_is_exactly_the_documented_one() -> None:
         "2003": PhoneSpec(Behaviour.BUSY, 0.0, 20.0),
         "2004": PhoneSpec(Behaviour.NO_ANSWER, 0.0, 20.0),
         "2005": PhoneSpec(Behaviour.UNREACHABLE, 0.0, 20.0),
+        "2009": PhoneSpec(Behaviour.ANSWER, 1.0, 20.0, fax=True),
     }
     assert book.default == PhoneSpec(Behaviour.ANSWER, 3.0, 20.0)
     assert book.lookup("0312345678") == book.default

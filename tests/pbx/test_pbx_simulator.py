@@ -349,8 +349,8 @@ async def test_extension_state_and_phone_state_changes(sim: AmiSimulator, raw: R
     while (msg := await raw.next()).event != "ExtensionStateListComplete":
         if msg.action_id == "esl":
             items.append(msg)
-    assert [m["Exten"] for m in items] == ["2000", "2001", "2002", "2003", "2004", "2005"]
-    assert msg["ListItems"] == "6" and items[0].keys()[:2] == ["Event", "ActionID"]
+    assert [m["Exten"] for m in items] == ["2000", "2001", "2002", "2003", "2004", "2005", "2009"]
+    assert msg["ListItems"] == "7" and items[0].keys()[:2] == ["Event", "ActionID"]
 
 
 async def test_ringing_phone_shows_ringing_then_in_use(sim: AmiSimulator, raw: RawAmi) -> None:
