@@ -18,10 +18,12 @@ from .config import Config
 from .directory import Directory, load_directory
 from .dispatch import Dispatcher
 from .ingress import IngressHandler, start_smtp
+from .media import spool_dir
 from .notify import Notifier
 from .outbound import Outbox
 from .pbx.driver import AmiPbx
 from .pbx.simulator import AmiSimulator
+from .resources import shipped
 from .spool import Spool
 from .store import Store
 
@@ -80,7 +82,9 @@ class Gateway:
         sim = self.config.pbx.simulator
         self.simulator = AmiSimulator(
             phones=sim.phones, username=ami.username, secret=ami.secret, time_scale=sim.time_scale,
-            dial_context=self.config.pbx.dial_context, connect_context=self.config.pbx.connect_context)
+            dial_context=self.config.pbx.dial_context, connect_context=self.config.pbx.connect_context,
+            # Like Asterisk's sounds directory: the media spool, then the shipped sample prompts.
+            media_dirs=[spool_dir(self.config), shipped("media")])
         port = await self.simulator.start(ami.host, ami.port)
         if port != ami.port:  # port 0 in the config: tell the driver where the simulator listens
             self.config = replace(self.config, pbx=replace(self.config.pbx, ami=replace(ami, port=port)))

@@ -91,8 +91,9 @@ class PreparedFax:
 
 
 def spool_dir(config: Config) -> Path:
-    """Where converted media go: ``media.spool``, else ``<data dir>/media`` (the PBX reads it)."""
-    return config.media.spool or config.data_dir / "media"
+    """Where converted media go: ``media.spool``, else ``<data dir>/media``; absolute, because
+    the PBX opens the files by the path it is given."""
+    return (config.media.spool or config.data_dir / "media").resolve()
 
 
 def label(part: Part) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from mailgw.config import ConfigError, HostPort, load_config
 from mailgw.directory import DirectoryError, load_directory
+from mailgw.media import MediaLimits, spool_dir
 from mailgw.resources import shipped
 
 
@@ -32,6 +33,17 @@ def test_values_are_read_with_units(tmp_path: Path) -> None:
     assert config.outbound.smarthost == HostPort("mx.example", 587)
 
 
+def test_media_section(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("data_dir: var\nmedia: {max_voice_seconds: 1m30s, max_fax_pages: 3, max_part_bytes: 1MB}\n")
+    config = load_config(path)
+    assert MediaLimits.of(config.media) == MediaLimits(90.0, 3, 1024 * 1024)
+    assert spool_dir(config) == (tmp_path / "var" / "media").resolve()  # the default: under the data directory
+    assert spool_dir(load_config(None)) == (Path.cwd() / "var" / "media").resolve()  # absolute, for the PBX
+    path.write_text("media: {spool: /srv/pbx-media}\n")
+    assert spool_dir(load_config(path)) == Path("/srv/pbx-media")
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("smtp: {lisen: '127.0.0.1:25'}", "smtp.lisen: unknown key"),
     ("pbx: {ami: {secrte: x}}", "pbx.ami.secrte: unknown key"),
@@ -42,6 +54,10 @@ def test_values_are_read_with_units(tmp_path: Path) -> None:
     ("policy: {deny: ['09*9']}", "policy.deny: pattern '09\\*9'"),
     ("domains: []", "domains: a list of local mail domains is required"),
     ("- just a list", "the top level must be a mapping"),
+    ("media: {max_fax_pages: 0}", "media.max_fax_pages: must be at least 1"),
+    ("media: {max_voice_seconds: forever}", "media.max_voice_seconds: 'forever' is not a duration"),
+    ("media: {max_part_bytes: lots}", "media.max_part_bytes: 'lots' is not a size"),
+    ("media: {spol: /tmp}", "media.spol: unknown key"),
 ])
 def test_mistakes_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "gw.yaml"

@@ -59,6 +59,16 @@ def image(fmt: str, size: tuple[int, int] = (850, 1100), mode: str = "L", dpi: t
     return buf.getvalue()
 
 
+def g3_tiff() -> bytes:
+    """Two Class F pages as a fax machine sends them: 1728 wide, 204x196 dpi, G3."""
+    pages = [Image.new("1", (1728, 1000), 1) for _ in range(2)]
+    for page in pages:
+        page.paste(0, (100, 50, 1628, 150))
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", compression="group3", dpi=(204, 196), save_all=True, append_images=pages[1:])
+    return buf.getvalue()
+
+
 def pdf(pages: list[tuple[float, float]]) -> bytes:
     document = pdfium.PdfDocument.new()
     for width, height in pages:
@@ -163,6 +173,9 @@ FAXES = [
      round(1100 * 1728 / 1700 * 2 * 196 / 204)),
     ("image/tiff", "three.tif", image("TIFF", frames=3), 3, round(1100 * 1728 / 850 * 196 / 204)),
     ("application/pdf", "doc.pdf", pdf([(595, 842), (612, 792)]), 2, round(842 * 1728 / 595 * 196 / 204)),
+    ("image/gif", "page.gif", image("GIF"), 1, round(1100 * 1728 / 850 * 196 / 204)),
+    ("image/bmp", "page.bmp", image("BMP"), 1, round(1100 * 1728 / 850 * 196 / 204)),
+    ("image/tiff", "received.tif", g3_tiff(), 2, 1000),  # a received fax, sent on as it is
 ]
 
 
@@ -276,3 +289,27 @@ def test_the_sample_media_convert(tmp_path: Path) -> None:
     fax = prepare_fax(part("image/png", "sample-fax-page.png"), page, tmp_path, "f", LIMITS)
     [decoded] = decoded_fax(fax.path)
     assert abs(decoded.size[1] - round(1169 * 1728 / 827 * 196 / 204)) <= 2
+
+
+async def test_the_gateway_pbx_plays_and_faxes_from_the_media_spool(gateway: Gateway) -> None:
+    """What the scenario steps do: convert into the configured spool, then play / send_fax."""
+    import asyncio
+
+    from mailgw.media import spool_dir
+    from mailgw.pbx.port import CallOutcome
+
+    spool = spool_dir(gateway.config)
+    assert gateway.pbx is not None and gateway.simulator is not None
+    voice = await asyncio.to_thread(prepare_voice, part("audio/mpeg", "memo.mp3"), sound(1.0, 22050, 1, "MP3"),
+                                    spool, "req-9-part-2", LIMITS)
+    doc = await asyncio.to_thread(prepare_fax, part("application/pdf", "doc.pdf"), pdf([(595, 842)] * 2),
+                                  spool, "req-9-part-3", LIMITS)
+    played = await asyncio.wait_for(gateway.pbx.play("req-9-play", "2000", voice.path, ring_timeout=5,
+                                                     caller_id='"mailgw" <mailgw>'), 10)
+    faxed = await asyncio.wait_for(gateway.pbx.send_fax("req-9-fax", "2009", doc.path, ring_timeout=5,
+                                                        caller_id='"mailgw" <mailgw>'), 10)
+    assert (played.outcome, faxed.outcome, faxed.pages) == (CallOutcome.ANSWERED, CallOutcome.ANSWERED, 2)
+    log = {r.call_id: r for r in gateway.simulator.media_log}
+    assert (log["req-9-play"].kind, log["req-9-play"].path) == ("heard", str(voice.path))
+    assert log["req-9-play"].seconds == pytest.approx(voice.seconds)
+    assert (log["req-9-fax"].kind, log["req-9-fax"].pages) == ("fax-received", 2)
