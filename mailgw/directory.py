@@ -29,6 +29,7 @@ class Person:
     numbers: tuple[str, ...] = field(default=())  # other numbers that are this person (mobile, DID)
     secret: str | None = field(default=None, repr=False)  # SMTP AUTH password hash (mailgw passwd)
     imap: ImapAccount | None = None  # a remote IMAP mailbox; None: the embedded Maildir
+    receipt_mailbox: str | None = None  # backend mdn: mail goes on to this address, a read receipt triggers
 
     @property
     def local_part(self) -> str:
@@ -111,6 +112,7 @@ def _person(entry: object, where: str) -> Person:
         numbers=tuple(str(n) for n in entry.get("numbers") or ()),
         secret=_secret(entry.get("secret"), where),
         imap=_mailbox(entry.get("mailbox"), where),
+        receipt_mailbox=_receipt_mailbox(entry.get("mailbox"), where),
     )
 
 
@@ -124,12 +126,14 @@ def _mailbox(value: object, where: str) -> ImapAccount | None:
     if not isinstance(value, dict):
         raise DirectoryError(f"{where}: mailbox must be a mapping such as {{backend: imap, host: ...}}")
     backend = value.get("backend", "maildir")
+    if backend == "mdn":
+        return None
     if backend == "maildir":
         if set(value) - {"backend"}:
             raise DirectoryError(f"{where}: mailbox: backend maildir takes no other keys")
         return None
     if backend != "imap":
-        raise DirectoryError(f"{where}: mailbox.backend must be maildir or imap, not {backend!r}")
+        raise DirectoryError(f"{where}: mailbox.backend must be maildir, imap or mdn, not {backend!r}")
     unknown = set(value) - _IMAP_KEYS
     if unknown:
         raise DirectoryError(f"{where}: mailbox: unknown key {sorted(unknown)[0]!r}")
@@ -154,3 +158,15 @@ def _secret(value: object, where: str) -> str | None:
     if not isinstance(value, str) or not value.startswith("scrypt$"):
         raise DirectoryError(f"{where}: secret must be a hash made by 'mailgw passwd' (scrypt$...)")
     return value
+
+
+def _receipt_mailbox(value: object, where: str) -> str | None:
+    """``mailbox: {backend: mdn, address: bob@mail.example}``: the address the mail is sent on to."""
+    if not isinstance(value, dict) or value.get("backend") != "mdn":
+        return None
+    if set(value) - {"backend", "address"}:
+        raise DirectoryError(f"{where}: mailbox: backend mdn takes only 'address'")
+    address = normalise_address(str(value.get("address", "")))
+    if address is None:
+        raise DirectoryError(f"{where}: mailbox.address must be the mail address to send the request on to")
+    return address

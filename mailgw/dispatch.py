@@ -19,12 +19,15 @@ at the bottom; the class only moves data between the store, the PBX port and the
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import logging
 from email.header import Header
+from email.message import Message
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from . import imapbox, mailbox
+from . import imapbox, mailbox, mdn
 from .campon import Campons, should_camp
 from .config import Config
 from .notify import Notifier, Result
@@ -55,6 +58,8 @@ class Dispatcher:
                                            on_expired=self._on_unread_expired)
         self.imap_reading = imapbox.ImapReadWatcher(on_read=self._on_read, on_gone=self._on_gone,
                                                     on_expired=self._on_unread_expired)
+        self.receipt_deadlines = mdn.ReceiptDeadlines(on_expired=self._on_unread_expired)
+        self._read_fired: set[str] = set()  # two paths (receipt and flag, read twice) run it once
 
     def submit(self, message_ids: list[str]) -> None:
         """Called by ingress after the 250: start working on the new entries."""
@@ -106,10 +111,30 @@ class Dispatcher:
 
     async def _deliver_mail(self, row: MessageRow) -> None:
         raw = await asyncio.to_thread(row.spool_path.read_bytes)
+        token = mdn.token_of(row.rcpt_to, self.config.sender_address)
+        if token is not None:
+            await self._take_receipt(row, token, raw)
+            return
         await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, raw,
                                 group=self.config.mailbox_group)
         await self.store.set_state(row.id, MessageState.DONE, stage="delivered", detail=f"to {row.rcpt_to}")
         log.info("mail %s delivered to the mailbox of %s", row.id, row.rcpt_to)
+
+    async def _take_receipt(self, row: MessageRow, token: str, raw: bytes) -> None:
+        """A read receipt (MDN) for an on-read request: displayed runs it, deleted ends it."""
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+        waiting = await self.store.awaiting_read_by_link(mdn.LINK_PREFIX + token)
+        mailbox_address = self._receipt_mailbox(waiting.rcpt_to) if waiting is not None else None
+        receipt, verdict = mdn.judge(message, row.mail_from, mailbox_address)
+        await self.store.set_state(row.id, MessageState.DONE, stage="receipt", detail=verdict)
+        log.info("read receipt %s: %s", row.id, verdict)
+        if receipt is None or waiting is None:
+            return
+        if receipt.disposition == "displayed":
+            await self._on_read(waiting.id)
+        elif receipt.disposition == "deleted":
+            self.receipt_deadlines.forget(waiting.id)
+            await self._on_gone(waiting.id)
 
     async def _run_request(self, row: MessageRow) -> None:
         assert row.request is not None
@@ -184,7 +209,14 @@ class Dispatcher:
         raw = await asyncio.to_thread(row.spool_path.read_bytes)
         note = on_read_header(request, self.notifier)
         marked = f"X-CTI-On-Read: {note}\r\n".encode("utf-8") + raw
-        if account is not None:
+        forward = None
+        receipt_mailbox = self._receipt_mailbox(row.rcpt_to)
+        if receipt_mailbox is not None:
+            token = mdn.new_token()
+            forward = await self.outbox.prepare(asking_for_receipt(marked, self.config.sender_address, token),
+                                                rcpt_to=receipt_mailbox, request_id=row.id)
+            link = mdn.LINK_PREFIX + token
+        elif account is not None:
             try:
                 link = await imapbox.append(account, marked)
             except imapbox.ImapError as exc:
@@ -195,17 +227,21 @@ class Dispatcher:
             path = await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, marked,
                                            group=self.config.mailbox_group)
             link = path.name
-        notice = None
+        mails = [forward] if forward is not None else []
         if request.notify:
             mail = self.notifier.result_mail(request, Result(row.id, "delivered", f"delivered to {row.rcpt_to}",
                                                              row.received_at, deadline=deadline))
-            notice = await self.outbox.prepare(mail, rcpt_to=request.sender, request_id=row.id)
-        await self.store.await_read(row.id, link, notice)
+            mails.append(await self.outbox.prepare(mail, rcpt_to=request.sender, request_id=row.id))
+        await self.store.await_read(row.id, link, mails)
         self._watch(row.id, row.rcpt_to, account, link, deadline)
         log.info("request %s delivered to the mailbox of %s; runs when it is read (until %s)", row.id,
                  row.rcpt_to, deadline.astimezone().strftime("%H:%M:%S"))
-        if notice is not None:
+        if mails:
             self.outbox.wake()
+
+    def _receipt_mailbox(self, address: str) -> str | None:
+        person = self.notifier.directory.by_address(address)
+        return person.receipt_mailbox if person is not None else None
 
     def _imap_account(self, address: str) -> imapbox.ImapAccount | None:
         person = self.notifier.directory.by_address(address)
@@ -213,7 +249,9 @@ class Dispatcher:
 
     def _watch(self, message_id: str, address: str, account: imapbox.ImapAccount | None, link: str,
                deadline: datetime) -> None:
-        if account is not None and imapbox.parse_link(link) is not None:
+        if link.startswith(mdn.LINK_PREFIX):
+            self.receipt_deadlines.watch(message_id, deadline)
+        elif account is not None and imapbox.parse_link(link) is not None:
             self.imap_reading.watch(message_id, account, link, deadline)
         else:
             self.reading.watch(message_id, address, link, deadline)
@@ -232,6 +270,13 @@ class Dispatcher:
         self._start_later(row.id, delay)
 
     async def _on_read(self, message_id: str) -> None:
+        if message_id in self._read_fired:
+            return
+        self._read_fired.add(message_id)
+        row = await self.store.get_message(message_id)
+        if row is None or row.state != MessageState.AWAITING_READ:
+            return  # already read (another path, or before a restart) or ended
+        self.receipt_deadlines.forget(message_id)
         await self.store.set_state(message_id, MessageState.QUEUED, stage="read")
         log.info("request %s: its mail was read; executing", message_id)
         self._start(message_id)
@@ -334,6 +379,15 @@ def decide(request: ExchangeRequest, row: MessageRow, now: datetime) -> Wait | F
                              f"the request could not be carried out within its monitor time "
                              f"({_minutes(request.monitor)})", row.received_at, reason="expired"))
     return Dial()
+
+
+def asking_for_receipt(raw: bytes, gateway_address: str, token: str) -> Message:
+    """The request mail as sent on to a receipt mailbox: its read receipt comes to the gateway."""
+    # compat32 keeps the sender's headers as they came; no folding of the one header we add.
+    message = email.message_from_bytes(raw, policy=email.policy.compat32.clone(max_line_length=998))
+    del message["Disposition-Notification-To"]  # the sender's own request for a receipt, if any
+    message["Disposition-Notification-To"] = f"<{mdn.receipt_address(gateway_address, token)}>"
+    return message
 
 
 def on_read_header(request: ExchangeRequest, notifier: Notifier) -> str:

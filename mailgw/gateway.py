@@ -67,7 +67,8 @@ class Gateway:
         self.dispatcher.campons = self.campons
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
         self._watchers = [asyncio.create_task(self.dispatcher.reading.run(), name="read-watcher"),
-                          asyncio.create_task(self.dispatcher.imap_reading.run(), name="imap-read-watcher")]
+                          asyncio.create_task(self.dispatcher.imap_reading.run(), name="imap-read-watcher"),
+                          asyncio.create_task(self.dispatcher.receipt_deadlines.run(), name="receipt-deadlines")]
         await self.campons.start()  # before the dispatcher: camp-ons resume from their own rows
         await self.dispatcher.resume()
         handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)

@@ -22,6 +22,7 @@ from .policy import Verdict, authorise, check_number_rate, check_rate, sender_li
 from .dispatch import check_supported
 from .media import MediaError, MediaLimits, check_message
 from .request import ExchangeRequest, PartKind, describe, parse_request
+from .mdn import token_of
 from .routing import route_recipient
 from .spool import Spool, new_id
 from .status import Refused, Reply
@@ -74,7 +75,8 @@ class IngressHandler:
             requests = []
             for rcpt in envelope.rcpt_tos:
                 request = self._parse(raw, mail_from, rcpt)
-                if request is None and self.directory.by_address(rcpt) is None:
+                if request is None and self.directory.by_address(rcpt) is None \
+                        and token_of(rcpt, self.config.sender_address) is None:
                     # A service mailbox has no reader: mail that is not a request cannot go there.
                     raise Refused(550, "5.6.0", f"{rcpt} takes requests only, and this mail is none "
                                                 "(automatic replies and result mails are not read)")
@@ -112,6 +114,8 @@ class IngressHandler:
         return ascii_reply(TEMPORARY_FAILURE)
 
     def _parse(self, raw: bytes, mail_from: str, rcpt: str) -> ExchangeRequest | None:
+        if token_of(rcpt, self.config.sender_address) is not None:
+            return None  # a read receipt: stored as it is, the dispatcher reads it (mailgw/mdn.py)
         if self.campons is not None and rcpt == self.campons.reply_address:  # camp-on: a reply may cancel
             return self.campons.parse_reply(raw, mail_from, rcpt)
         request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config)

@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from .config import Config
 from .directory import Directory, normalise_address
+from .mdn import token_of
 from .status import Refused
 
 
@@ -41,6 +42,8 @@ def route_recipient(address: str, config: Config, directory: Directory) -> Route
         return Route(RouteKind.SERVICE, normalised)
     if normalised == (normalise_address(config.sender_address) or config.sender_address.lower()):
         return Route(RouteKind.GATEWAY, normalised)  # replies: "cancel" (mailgw/replies.py)
+    if token_of(normalised, config.sender_address) is not None:
+        return Route(RouteKind.GATEWAY, normalised)  # a read receipt for an on-read request (mailgw/mdn.py)
     if directory.by_address(normalised) is not None:
         return Route(RouteKind.PERSON, normalised)
     raise Refused(550, "5.1.1", f"no such user here: {normalised}")

@@ -402,18 +402,25 @@ class Store:
             statements += _outbox_insert(notification)
         await self._commit(statements)
 
-    async def await_read(self, message_id: str, maildir_name: str, notification: "OutboxEntry | None") -> None:
-        """The request's mail is in the recipient's Maildir as ``maildir_name`` (the "mail link"):
-        record that and queue the sender's "delivered" notice in one transaction."""
+    async def await_read(self, message_id: str, link: str, mails: list["OutboxEntry"]) -> None:
+        """The request's mail is in the recipient's mailbox (the "mail link": a Maildir name, an
+        IMAP UID, a receipt token): record that and queue ``mails`` (the sender's "delivered"
+        notice, the copy sent on to a receipt mailbox) in one transaction."""
         now = _ts(utcnow())
         statements: Statements = [
             ("UPDATE messages SET state = ?, detail = ?, updated_at = ? WHERE id = ?",
-             (MessageState.AWAITING_READ, maildir_name, now, message_id)),
-            ("INSERT INTO stages VALUES (?,?,?,?)", (message_id, now, "awaiting-read", maildir_name)),
+             (MessageState.AWAITING_READ, link, now, message_id)),
+            ("INSERT INTO stages VALUES (?,?,?,?)", (message_id, now, "awaiting-read", link)),
         ]
-        if notification is not None:
-            statements += _outbox_insert(notification)
+        for mail in mails:
+            statements += _outbox_insert(mail)
         await self._commit(statements)
+
+    async def awaiting_read_by_link(self, link: str) -> MessageRow | None:
+        """The request waiting to be read whose mail link is ``link``."""
+        rows = await self._run(self._query, "SELECT * FROM messages WHERE state = ? AND detail = ?",
+                               (MessageState.AWAITING_READ, link))
+        return _message(rows[0]) if rows else None
 
     async def due_outbox(self, now: datetime, limit: int = 200) -> tuple[list[OutboxRow], datetime | None]:
         """Queued mail due by ``now`` (at most ``limit``), and when the next one after them is due."""
