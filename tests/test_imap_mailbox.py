@@ -125,5 +125,5 @@ def test_the_directory_refuses_an_unusable_imap_mailbox(tmp_path: Path) -> None:
     with pytest.raises(DirectoryError, match=r"mailbox.password is required"):
         load_directory(path)
     path.write_text("people:\n  - {address: bob@a.example, extension: '2001', mailbox: {backend: pop3}}\n")
-    with pytest.raises(DirectoryError, match="maildir or imap"):
+    with pytest.raises(DirectoryError, match="maildir, imap or mdn"):
         load_directory(path)
