@@ -157,6 +157,14 @@ class MediaConfig:
 
 
 @dataclass(frozen=True)
+class ScenariosConfig:
+    """Stored scenarios (see mailgw/scenario.py and docs/scenarios.md)."""
+
+    dir: Path = field(default_factory=lambda: shipped("scenarios"))  # NAME.yaml, referenced as NAME
+    reload_interval: float = 2.0  # how often a running gateway looks for edited files
+
+
+@dataclass(frozen=True)
 class Config:
     domains: tuple[str, ...] = ("a.example",)
     data_dir: Path = Path("var")
@@ -176,6 +184,7 @@ class Config:
     numbering: NumberingConfig = NumberingConfig()
     campon: CamponConfig = CamponConfig()
     media: MediaConfig = MediaConfig()
+    scenarios: ScenariosConfig = field(default_factory=ScenariosConfig)
     language: str = "en"
     gateway_address: str = ""  # From of the mail we send; default mailgw@<first domain>
 
@@ -238,7 +247,7 @@ def _mailbox_group(value: object) -> str | None:
 _TOP_KEYS = {
     "domains", "data_dir", "smtp", "outbound", "directory", "destinations", "mailbox",
     "templates", "pbx", "policy", "security", "requests", "numbering", "language", "gateway_address",
-    "campon", "media",
+    "campon", "media", "scenarios",
 }
 
 
@@ -334,9 +343,16 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         campon=_campon(campon, d.campon),
         media=_media(_section(raw, "media", {"spool", "max_voice_seconds", "max_fax_pages", "max_part_bytes"}),
                      d.media, base),
+        scenarios=_scenarios(_section(raw, "scenarios", {"dir", "reload_interval"}), d.scenarios, base),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
     )
+
+
+def _scenarios(raw: dict[str, Any], d: ScenariosConfig, base: Path) -> ScenariosConfig:
+    return ScenariosConfig(dir=_path(raw, "dir", d.dir, base) or d.dir,
+                           reload_interval=_duration(raw.get("reload_interval"), d.reload_interval,
+                                                     "scenarios.reload_interval"))
 
 
 def _campon(raw: dict[str, Any], d: CamponConfig) -> CamponConfig:

@@ -24,6 +24,7 @@ from .outbound import Outbox
 from .pbx.driver import AmiPbx
 from .pbx.simulator import AmiSimulator
 from .resources import shipped
+from .scenario_library import ScenarioLibrary
 from .spool import Spool
 from .store import Store
 
@@ -41,6 +42,7 @@ class Gateway:
         self.outbox = Outbox(config, self.directory, self.store, config.data_dir / "outbox")
         self.dispatcher: Dispatcher | None = None
         self.campons: Campons | None = None
+        self.scenarios = ScenarioLibrary(config.scenarios.dir, interval=config.scenarios.reload_interval)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._watchers: list[asyncio.Task[None]] = []
@@ -57,6 +59,7 @@ class Gateway:
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
+        await asyncio.to_thread(self.scenarios.scan)
         if self.config.pbx.simulator.enabled:
             await self._start_simulator()
         self.pbx = AmiPbx(self.config.pbx)
@@ -68,11 +71,13 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
         self._watchers = [asyncio.create_task(self.dispatcher.reading.run(), name="read-watcher"),
                           asyncio.create_task(self.dispatcher.imap_reading.run(), name="imap-read-watcher"),
-                          asyncio.create_task(self.dispatcher.receipt_deadlines.run(), name="receipt-deadlines")]
+                          asyncio.create_task(self.dispatcher.receipt_deadlines.run(), name="receipt-deadlines"),
+                          asyncio.create_task(self.scenarios.run(), name="scenario-reload")]
         await self.campons.start()  # before the dispatcher: camp-ons resume from their own rows
         await self.dispatcher.resume()
         handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)
         handler.campons = self.campons
+        handler.scenarios = self.scenarios
         self._server = await start_smtp(handler, self.config)
         log.info("mailgw listening for SMTP on %s:%d for %s; PBX %s at %s:%d", self.config.smtp.listen.host,
                  self.smtp_port, ", ".join(self.config.domains),

@@ -24,6 +24,7 @@ from .media import MediaError, MediaLimits, check_message
 from .request import ExchangeRequest, PartKind, describe, parse_request
 from .mdn import token_of
 from .routing import route_recipient
+from .scenario_library import ScenarioLibrary, scenario_for
 from .spool import Spool, new_id
 from .status import Refused, Reply
 from .store import NewMessage, Store, utcnow
@@ -48,6 +49,7 @@ class IngressHandler:
     """aiosmtpd handler hooks: the acceptance policy of the gateway."""
 
     campons: Any = None  # camp-on hook (mailgw.campon.Campons), set by the gateway
+    scenarios: ScenarioLibrary | None = None  # stored scenarios, set by the gateway
 
     def __init__(self, config: Config, directory: Directory, store: Store, spool: Spool,
                  on_accepted: Callable[[list[str]], None]) -> None:
@@ -120,6 +122,8 @@ class IngressHandler:
             return self.campons.parse_reply(raw, mail_from, rcpt)
         request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config)
         if request is not None:
+            if self.scenarios is not None:  # an unknown, invalid or hostile scenario is refused here
+                scenario_for(request, self.scenarios, self.config)
             check_supported(request, to_person=self.directory.by_address(rcpt) is not None)
             if self.campons is not None:  # camp-on: duplicates, limits, who may cancel
                 self.campons.admit(request)

@@ -776,7 +776,8 @@ def _yaml_givens(parts: list[tuple[int, Message]], ctx: _Context) -> list[_Given
     data = _payload(index, entity)
     if len(data) > MAX_YAML_BYTES:
         raise Refused(552, "5.3.4", f"{_YAML_WHERE} is larger than {MAX_YAML_BYTES // 1024} KiB")
-    document = _compose_yaml(_decode_text(data, index, entity))
+    text = _decode_text(data, index, entity)
+    document = _compose_yaml(text)
     givens = []
     for key_node, value_node in document.value:
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else ""
@@ -785,7 +786,7 @@ def _yaml_givens(parts: list[tuple[int, Message]], ctx: _Context) -> list[_Given
             hint = " (an inline scenario goes under 'scenario:')" if normalise_key(key) == "steps" else ""
             raise Refused(550, "5.6.0", f"unknown field {show(key or '?')} in {_YAML_WHERE}{hint}")
         if name == "scenario" and isinstance(value_node, yaml.MappingNode):
-            givens.append(_inline_scenario(value_node))
+            givens.append(_inline_scenario(value_node, text))
         elif isinstance(value_node, yaml.ScalarNode):
             # The text as written (tags and all are ignored, nothing is constructed): YAML's own
             # typing would read 0312345670 as an octal number and +81312345678 without its '+'.
@@ -815,7 +816,7 @@ def _compose_yaml(text: str) -> yaml.MappingNode:
     return document
 
 
-def _inline_scenario(node: yaml.MappingNode) -> _Given:
+def _inline_scenario(node: yaml.MappingNode, text: str) -> _Given:
     loader = yaml.SafeLoader("")
     try:
         scenario = loader.construct_document(node)
@@ -825,8 +826,11 @@ def _inline_scenario(node: yaml.MappingNode) -> _Given:
         raise Refused(552, "5.3.4", f"{_YAML_WHERE} is nested too deeply") from None
     finally:
         loader.dispose()
-    text = yaml.safe_dump(scenario, allow_unicode=True, sort_keys=False, default_flow_style=False)
-    return _Given("scenario", ("inline", text), "(an inline scenario)", _YAML_WHERE, Source.YAML)
+    # The scenario's own text, padded so that its lines and columns are those of the YAML part:
+    # the scenario module's problems then point at what the sender wrote.
+    start, end = node.start_mark, node.end_mark
+    own = "\n" * start.line + " " * start.column + text[start.index:end.index]
+    return _Given("scenario", ("inline", own), "(an inline scenario)", _YAML_WHERE, Source.YAML)
 
 
 # --- merging -------------------------------------------------------------------------------------

@@ -695,11 +695,15 @@ def number_problems(step: Step, config: Config) -> list[Problem]:
 
 
 def refusal(problems: list[Problem], where: str) -> Refused:
-    """The DATA refusal naming the first problems of a scenario (``where`` says which one)."""
-    shown = "; ".join(str(p) for p in problems[:3]) + ("; ..." if len(problems) > 3 else "")
+    """The DATA refusal naming the first problems of a scenario (``where`` says which scenario).
+    An SMTP reply line is at most 512 octets (RFC 5321 4.5.3.1.5): the text is kept well inside."""
+    shown = "; ".join(str(p) for p in problems[:2]) + (f" (and {len(problems) - 2} more)" if len(problems) > 2 else "")
+    text = f"field 'scenario': {where}: {shown}"
+    if len(text) > 440:
+        text = text[:437] + "..."
     status = "5.7.1" if any("not allowed by policy" in p.message or "local domain" in p.message
                             for p in problems) else "5.6.0"
-    return Refused(550, status, f"field 'scenario': {where}: {shown}")
+    return Refused(550, status, text)
 
 
 def _hours(seconds: float) -> str:
