@@ -15,12 +15,15 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Awaitable, Callable
+
+import watchfiles
 
 from .spool import write_durably
 
@@ -114,10 +117,12 @@ class ReadWatcher:
     """Watches delivered request mails for the moment their reader opens them.
 
     The signal is the Maildir ``S`` (Seen) flag, which every reader of the Maildir sets: Dovecot
-    serving it over IMAP, mutt, ``mailgw inbox --read``. The watcher polls (every ``interval``
-    seconds; one directory listing per watched mail), which also works on network file systems
-    where change notifications do not arrive. Each watched mail fires exactly one callback:
-    read, gone (deleted unread), or expired (still unread at its deadline).
+    serving it over IMAP, mutt, ``mailgw inbox --read``. File-system notifications (watchfiles:
+    inotify on Linux) on the ``new/`` and ``cur/`` folders wake the watcher as soon as a reader
+    renames a mail; it also polls every ``interval`` seconds (one directory listing per watched
+    mail), which covers network file systems where notifications do not arrive and a root that
+    cannot be watched. Each watched mail fires exactly one callback: read, gone (deleted
+    unread), or expired (still unread at its deadline).
     """
 
     def __init__(self, root: Path, *, on_read: Callable[[str], Awaitable[None]],
@@ -127,22 +132,53 @@ class ReadWatcher:
         self.on_read, self.on_gone, self.on_expired = on_read, on_gone, on_expired
         self.interval = interval
         self._watched: dict[str, tuple[str, str, datetime]] = {}  # message id -> (address, name, deadline)
+        self._changed = asyncio.Event()  # set by a file-system notification
 
     def watch(self, message_id: str, address: str, name: str, deadline: datetime) -> None:
         self._watched[message_id] = (address, name, deadline)
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)  # the poll period, not a synchronisation
-            for message_id, (address, name, deadline) in list(self._watched.items()):
-                state = await asyncio.to_thread(read_state, self.root, address, name)
-                if state is False and datetime.now(timezone.utc) < deadline:
-                    continue
-                self._watched.pop(message_id, None)  # fire once, whatever happens next
-                callback = self.on_read if state else self.on_gone if state is None else self.on_expired
-                # Awaited here, not spawned: each is one short store write (or a notice), and a
-                # gateway that stops by cancelling run() must not leave one writing to a closed store.
-                try:
-                    await callback(message_id)
-                except Exception:  # one broken entry must not stop read detection for the others
-                    log.exception("reading trigger for %s failed", message_id)
+        stop = threading.Event()
+        notifications = asyncio.create_task(self._notify(stop))
+        try:
+            while True:
+                try:  # a notification, or the poll period (not a synchronisation)
+                    await asyncio.wait_for(self._changed.wait(), self.interval)
+                except TimeoutError:
+                    pass
+                self._changed.clear()
+                await self._check()
+        finally:
+            stop.set()  # ends the watch thread within one step; a cancel alone waits for its timeout
+            notifications.cancel()
+            await asyncio.gather(notifications, return_exceptions=True)
+
+    async def _notify(self, stop: threading.Event) -> None:
+        """Wake the watcher whenever a mail appears in, leaves or is renamed in a ``new/`` or
+        ``cur/`` folder under the root; without notifications the poll alone keeps working."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)  # as the first delivery would
+            async for _ in watchfiles.awatch(self.root, watch_filter=_is_mail_change, stop_event=stop,
+                                             debounce=200, step=20):
+                self._changed.set()
+        except (OSError, RuntimeError) as e:  # e.g. the inotify watch limit reached
+            log.warning("no file-system notifications for %s (%s); polling every %ss", self.root, e, self.interval)
+
+    async def _check(self) -> None:
+        for message_id, (address, name, deadline) in list(self._watched.items()):
+            state = await asyncio.to_thread(read_state, self.root, address, name)
+            if state is False and datetime.now(timezone.utc) < deadline:
+                continue
+            self._watched.pop(message_id, None)  # fire once, whatever happens next
+            callback = self.on_read if state else self.on_gone if state is None else self.on_expired
+            # Awaited here, not spawned: each is one short store write (or a notice), and a
+            # gateway that stops by cancelling run() must not leave one writing to a closed store.
+            try:
+                await callback(message_id)
+            except Exception:  # one broken entry must not stop read detection for the others
+                log.exception("reading trigger for %s failed", message_id)
+
+
+def _is_mail_change(change: watchfiles.Change, path: str) -> bool:
+    """Only messages moving in the Maildir matter, not ``tmp/`` writes or an IMAP server's index files."""
+    return os.path.basename(os.path.dirname(path)) in ("new", "cur")

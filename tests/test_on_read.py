@@ -4,9 +4,11 @@ with a notice. Real SMTP, real files, AMI over TCP to the simulator."""
 
 from __future__ import annotations
 
+import asyncio
 import email.header
 import os
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 
 from mailgw import mailbox
 from mailgw.gateway import Gateway
@@ -89,3 +91,43 @@ async def test_a_restarted_gateway_still_calls_when_the_mail_is_read(make_config
         assert len(mailbox.list_mail(config.mailbox_root, "bob@a.example")) == 1  # not delivered twice
     finally:
         await second.stop()
+
+
+async def test_a_read_is_noticed_by_file_system_notification_not_only_by_polling(tmp_path) -> None:
+    """With an hour between polls, only the watcher's inotify notification can see the read."""
+    root = tmp_path / "mailboxes"  # not there yet: the watcher makes it, as the first delivery would
+    read: asyncio.Queue[str] = asyncio.Queue()
+    gone: list[str] = []
+
+    async def on_gone(message_id: str) -> None:
+        gone.append(message_id)
+
+    watcher = mailbox.ReadWatcher(root, on_read=read.put, on_gone=on_gone, on_expired=on_gone, interval=3600)
+    running = asyncio.create_task(watcher.run())
+    deadline = datetime.now(timezone.utc) + timedelta(hours=1)
+
+    async def deliver_watch_and_read(message_id: str) -> None:
+        path = mailbox.deliver(root, "bob@a.example", f"Subject: {message_id}\r\n\r\nhi\r\n".encode())
+        watcher.watch(message_id, "bob@a.example", path.name, deadline)
+        [mail] = [m for m in mailbox.list_mail(root, "bob@a.example") if m.path.name.startswith(path.name)]
+        mailbox.mark_seen(mail)
+
+    try:
+        # The notifications start with the watcher's task: probe until one gets through (bounded).
+        # A probe read before they were in place is seen with the next one.
+        for attempt in range(20):
+            await deliver_watch_and_read(f"probe-{attempt}")
+            try:
+                assert (await asyncio.wait_for(read.get(), 0.5)).startswith("probe-")
+                break
+            except TimeoutError:
+                continue
+        else:
+            raise AssertionError("no file-system notification arrived")
+        await deliver_watch_and_read("request")
+        while (message_id := await asyncio.wait_for(read.get(), 10)) != "request":
+            assert message_id.startswith("probe-")
+        assert gone == []
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
