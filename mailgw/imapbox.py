@@ -24,6 +24,8 @@ from typing import Awaitable, Callable
 
 import aioimaplib
 
+from .mailbox import report_reading
+
 log = logging.getLogger("mailgw.imapbox")
 
 LINK_PREFIX = "imap:"
@@ -244,11 +246,7 @@ class ImapReadWatcher:
             if state is False and now < w.deadline:
                 continue
             self._watched.pop(message_id, None)  # fire once, whatever happens next
-            callback = self.on_read if state else self.on_gone if state is None else self.on_expired
-            try:
-                await callback(message_id)
-            except Exception:  # one broken entry must not stop read detection for the others
-                log.exception("reading trigger for %s failed", message_id)
+            await report_reading(message_id, state, self.on_read, self.on_gone, self.on_expired)
 
     async def _idle_on_server(self, client: aioimaplib.IMAP4, account: ImapAccount) -> None:
         """IDLE until the server pushes something, a new mail is watched, or ``interval`` passes."""

@@ -170,13 +170,21 @@ class ReadWatcher:
             if state is False and datetime.now(timezone.utc) < deadline:
                 continue
             self._watched.pop(message_id, None)  # fire once, whatever happens next
-            callback = self.on_read if state else self.on_gone if state is None else self.on_expired
-            # Awaited here, not spawned: each is one short store write (or a notice), and a
-            # gateway that stops by cancelling run() must not leave one writing to a closed store.
-            try:
-                await callback(message_id)
-            except Exception:  # one broken entry must not stop read detection for the others
-                log.exception("reading trigger for %s failed", message_id)
+            await report_reading(message_id, state, self.on_read, self.on_gone, self.on_expired)
+
+
+async def report_reading(message_id: str, state: bool | None, on_read: Callable[[str], Awaitable[None]],
+                         on_gone: Callable[[str], Awaitable[None]],
+                         on_expired: Callable[[str], Awaitable[None]]) -> None:
+    """The one callback a watched mail fires: read (True), gone (None) or still unread at its
+    deadline (False). Shared by the Maildir and IMAP watchers."""
+    callback = on_read if state else on_gone if state is None else on_expired
+    # Awaited, not spawned: each is one short store write (or a notice), and a gateway that
+    # stops by cancelling its watcher must not leave one writing to a closed store.
+    try:
+        await callback(message_id)
+    except Exception:  # one broken entry must not stop read detection for the others
+        log.exception("reading trigger for %s failed", message_id)
 
 
 def _is_mail_change(change: watchfiles.Change, path: str) -> bool:

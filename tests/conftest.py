@@ -4,6 +4,7 @@ helpers that talk real SMTP and await the gateway's recorded stages (no sleeps).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 from dataclasses import dataclass, replace
@@ -13,6 +14,7 @@ from typing import AsyncIterator, Callable
 
 import aiosmtplib
 import pytest
+import yaml
 from aiosmtpd.smtp import SMTP
 
 from mailgw.config import Config, HostPort, load_config
@@ -74,9 +76,9 @@ async def sink() -> AsyncIterator[Sink]:
     await server.wait_closed()
 
 
-@pytest.fixture
-async def gateway(make_config: Callable[..., Config], sink: Sink) -> AsyncIterator[Gateway]:
-    config = make_config()
+@contextlib.asynccontextmanager
+async def running_gateway(config: Config, sink: Sink) -> AsyncIterator[Gateway]:
+    """A started gateway whose mail for outside addresses goes to ``sink``."""
     config = replace(config, outbound=replace(config.outbound, smarthost=HostPort("127.0.0.1", sink.port)))
     gw = Gateway(config)
     await gw.start()
@@ -84,6 +86,24 @@ async def gateway(make_config: Callable[..., Config], sink: Sink) -> AsyncIterat
         yield gw
     finally:
         await gw.stop()
+
+
+@pytest.fixture
+async def gateway(make_config: Callable[..., Config], sink: Sink) -> AsyncIterator[Gateway]:
+    async with running_gateway(make_config(), sink) as gw:
+        yield gw
+
+
+def directory_with_mailbox(tmp_path: Path, address: str, mailbox: dict[str, object]) -> Path:
+    """The shipped directory with ``address``'s ``mailbox:`` entry set; private, as it may hold a password."""
+    raw = yaml.safe_load(load_config(None).directory.read_text(encoding="utf-8"))
+    for person in raw["people"]:
+        if person["address"] == address:
+            person["mailbox"] = mailbox
+    path = tmp_path / "directory.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    path.chmod(0o600)
+    return path
 
 
 @dataclass(frozen=True)

@@ -8,28 +8,21 @@ import asyncio
 import email
 import email.policy
 import imaplib
-from dataclasses import replace
 from typing import AsyncIterator, Callable
 
 import pytest
 
-from mailgw.config import Config, HostPort
+from mailgw.config import Config
 from mailgw.gateway import Gateway
 
-from .conftest import Sink, maildir_messages, placed_calls, request_mail, submit, wait_stage
+from .conftest import Sink, maildir_messages, placed_calls, request_mail, running_gateway, submit, wait_stage
 from .dovecot import Dovecot, dovecot  # noqa: F401  (the fixture)
 
 
 @pytest.fixture
 async def shared_gateway(make_config: Callable[..., Config], sink: Sink, dovecot: Dovecot) -> AsyncIterator[Gateway]:  # noqa: F811
-    config = make_config(mailbox_root=dovecot.mail_root, mailbox_group=dovecot.group)
-    config = replace(config, outbound=replace(config.outbound, smarthost=HostPort("127.0.0.1", sink.port)))
-    gw = Gateway(config)
-    await gw.start()
-    try:
+    async with running_gateway(make_config(mailbox_root=dovecot.mail_root, mailbox_group=dovecot.group), sink) as gw:
         yield gw
-    finally:
-        await gw.stop()
 
 
 def imap_session(dv: Dovecot, address: str) -> imaplib.IMAP4:

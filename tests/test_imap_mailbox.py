@@ -5,43 +5,34 @@ no IDLE), reconnects when the server goes away, and places the call once when th
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+import contextlib
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import pytest
-import yaml
 
-from mailgw.config import Config, HostPort, load_config
+from mailgw.config import Config
 from mailgw.directory import DirectoryError, load_directory
 from mailgw.gateway import Gateway
 
-from .conftest import Sink, maildir_messages, placed_calls, request_mail, submit, wait_stage
+from .conftest import (Sink, directory_with_mailbox, maildir_messages, placed_calls, request_mail, running_gateway,
+                       submit, wait_stage)
 from .dovecot import Dovecot, running_dovecot
 from .test_dovecot import delete_first_message, flags_of_first_message, read_first_message, send_on_read
 
 
-def directory_with_imap_bob(tmp_path: Path, dv: Dovecot) -> Path:
-    raw = yaml.safe_load(load_config(None).directory.read_text(encoding="utf-8"))
-    for person in raw["people"]:
-        if person["address"] == "bob@a.example":
-            person["mailbox"] = {"backend": "imap", "host": "127.0.0.1", "port": dv.port,
-                                 "username": "bob@a.example", "password": dv.password("bob@a.example")}
-    path = tmp_path / "directory.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    path.chmod(0o600)
-    return path
-
-
-async def imap_gateway(make_config: Callable[..., Config], sink: Sink, tmp_path: Path, dv: Dovecot) -> Gateway:
-    config = make_config(directory=directory_with_imap_bob(tmp_path, dv))
-    config = replace(config, outbound=replace(config.outbound, smarthost=HostPort("127.0.0.1", sink.port)))
-    gw = Gateway(config)
-    await gw.start()
-    assert gw.dispatcher is not None
-    gw.dispatcher.imap_reading.interval = 0.2  # poll and back-off period; IDLE pushes come at once
-    gw.dispatcher.imap_reading.timeout = 2.0  # a server that went away mid-greeting is given up sooner
-    return gw
+@contextlib.asynccontextmanager
+async def imap_gateway(make_config: Callable[..., Config], sink: Sink, tmp_path: Path,
+                       dv: Dovecot) -> AsyncIterator[Gateway]:
+    """A gateway for which Bob's mailbox is in the Dovecot ``dv``."""
+    directory = directory_with_mailbox(tmp_path, "bob@a.example", {
+        "backend": "imap", "host": "127.0.0.1", "port": dv.port, "username": "bob@a.example",
+        "password": dv.password("bob@a.example")})
+    async with running_gateway(make_config(directory=directory), sink) as gw:
+        assert gw.dispatcher is not None
+        gw.dispatcher.imap_reading.interval = 0.2  # poll and back-off period; IDLE pushes come at once
+        gw.dispatcher.imap_reading.timeout = 2.0  # a server that went away mid-greeting is given up sooner
+        yield gw
 
 
 @pytest.fixture(params=["idle", "no-idle"])
@@ -50,11 +41,8 @@ async def setup(request: pytest.FixtureRequest, make_config: Callable[..., Confi
     # Without IDLE in its capabilities Dovecot is a server the watcher must poll.
     extra = "imap_capability = IMAP4rev1 LITERAL+ UIDPLUS\n" if request.param == "no-idle" else ""
     with running_dovecot(extra) as dv:
-        gw = await imap_gateway(make_config, sink, tmp_path, dv)
-        try:
+        async with imap_gateway(make_config, sink, tmp_path, dv) as gw:
             yield gw, dv
-        finally:
-            await gw.stop()
 
 
 async def test_delivered_by_append_and_called_once_when_read(setup: tuple[Gateway, Dovecot]) -> None:
@@ -89,23 +77,19 @@ async def test_deleted_unread_on_the_server_ends_the_request(setup: tuple[Gatewa
 async def test_the_watcher_reconnects_when_the_server_goes_away(make_config: Callable[..., Config], sink: Sink,
                                                                 tmp_path: Path) -> None:
     with running_dovecot() as dv:
-        gateway = await imap_gateway(make_config, sink, tmp_path, dv)
-        try:
+        async with imap_gateway(make_config, sink, tmp_path, dv) as gateway:
             request_id = await send_on_read(gateway)
             await asyncio.to_thread(dv.stop)  # the watcher's connection drops
             await asyncio.to_thread(dv.start)
             await asyncio.to_thread(read_first_message, dv, "bob@a.example")
             await wait_stage(gateway.store, request_id, "outcome")
             assert [c.outcome for c in placed_calls(gateway)] == ["answered"]
-        finally:
-            await gateway.stop()
 
 
 async def test_the_server_down_at_delivery_delays_it(make_config: Callable[..., Config], sink: Sink,
                                                      tmp_path: Path) -> None:
     with running_dovecot() as dv:
-        gateway = await imap_gateway(make_config, sink, tmp_path, dv)
-        try:
+        async with imap_gateway(make_config, sink, tmp_path, dv) as gateway:
             await asyncio.to_thread(dv.stop)
             reply = await submit(gateway.smtp_port, request_mail("alice@a.example", "bob@a.example",
                                                                  "trigger: on-read\n"))
@@ -114,8 +98,6 @@ async def test_the_server_down_at_delivery_delays_it(make_config: Callable[..., 
             assert "mailbox unavailable" in detail
             row = await gateway.store.get_message(reply.queue_id)
             assert row is not None and row.state == "queued"
-        finally:
-            await gateway.stop()
 
 
 def test_the_directory_refuses_an_unusable_imap_mailbox(tmp_path: Path) -> None:

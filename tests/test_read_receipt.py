@@ -4,7 +4,6 @@ arriving by SMTP places the call, once. Receipts from anyone else are kept, not 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from email.message import EmailMessage
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
@@ -13,33 +12,21 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import pytest
-import yaml
 
 from mailgw import mdn
-from mailgw.config import Config, HostPort, load_config
+from mailgw.config import Config
 from mailgw.gateway import Gateway
 
-from .conftest import Sink, placed_calls, request_mail, submit, wait_stage
+from .conftest import Sink, directory_with_mailbox, placed_calls, request_mail, running_gateway, submit, wait_stage
 
 BOB_ELSEWHERE = "bob@mail.elsewhere.example"
 
 
 @pytest.fixture
 async def gateway(make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> AsyncIterator[Gateway]:
-    raw = yaml.safe_load(load_config(None).directory.read_text(encoding="utf-8"))
-    for person in raw["people"]:
-        if person["address"] == "bob@a.example":
-            person["mailbox"] = {"backend": "mdn", "address": BOB_ELSEWHERE}
-    directory = tmp_path / "directory.yaml"
-    directory.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    config = make_config(directory=directory)
-    config = replace(config, outbound=replace(config.outbound, smarthost=HostPort("127.0.0.1", sink.port)))
-    gw = Gateway(config)
-    await gw.start()
-    try:
+    directory = directory_with_mailbox(tmp_path, "bob@a.example", {"backend": "mdn", "address": BOB_ELSEWHERE})
+    async with running_gateway(make_config(directory=directory), sink) as gw:
         yield gw
-    finally:
-        await gw.stop()
 
 
 def receipt(sent: EmailMessage, *, disposition: str = "displayed", sender: str = BOB_ELSEWHERE) -> MIMEMultipart:
