@@ -22,6 +22,7 @@ import io
 import math
 import os
 import re
+import struct
 import tempfile
 import threading
 import warnings
@@ -34,7 +35,7 @@ import numpy as np
 import pypdfium2 as pdfium
 import soundfile
 import soxr
-from PIL import Image, ImageSequence
+from PIL import Image, ImageOps, ImageSequence
 
 from .request import Part, PartKind, walk_leaves
 
@@ -294,6 +295,7 @@ def prepare_fax(part: Part, data: bytes, dest_dir: Path, name: str, limits: Medi
     def write(tmp: Path) -> None:
         pages[0].save(tmp, format="TIFF", compression="group3", dpi=FAX_DPI, save_all=True,
                       append_images=pages[1:])
+        _mark_min_is_white(tmp)
 
     _write_atomically(path, write)
     return PreparedFax(path=path, pages=len(pages))
@@ -354,4 +356,29 @@ def fax_page(page: tuple[Image.Image, float, float]) -> Image.Image:
         resized = image.resize((FAX_WIDTH, lines), Image.Resampling.LANCZOS)
     else:
         resized = image
-    return resized.convert("1", dither=Image.Dither.NONE)
+    # 1 bits are ink: T.4 codes 0 bits as white runs, so paper must be 0 (see _mark_min_is_white).
+    return ImageOps.invert(resized).convert("1", dither=Image.Dither.NONE)
+
+
+def _mark_min_is_white(path: Path) -> None:
+    """Say PhotometricInterpretation 0 (WhiteIsZero) in every page, as TIFF Class F requires.
+
+    Pillow writes 1-bit pages as BlackIsZero and its G3 encoder (libtiff) codes the bits as they
+    are, so the pages are drawn with ink = 1 and the tag is set here: a fax receiver then gets
+    paper as white runs. (Pillow's own ``tiffinfo={262: 0}`` garbles G3 pages.)
+    """
+    data = bytearray(path.read_bytes())
+    if data[:4] != b"II*\x00":
+        raise ValueError("expected a little-endian TIFF from Pillow")
+    (offset,) = struct.unpack_from("<I", data, 4)
+    seen: set[int] = set()
+    while offset and offset not in seen:
+        seen.add(offset)
+        (entries,) = struct.unpack_from("<H", data, offset)
+        for entry in range(entries):
+            at = offset + 2 + 12 * entry
+            tag, kind = struct.unpack_from("<HH", data, at)
+            if tag == 262 and kind == 3:  # SHORT, value kept in the entry itself
+                struct.pack_into("<H", data, at + 8, 0)
+        (offset,) = struct.unpack_from("<I", data, offset + 2 + 12 * entries)
+    path.write_bytes(bytes(data))

@@ -161,6 +161,7 @@ def decoded_fax(path: Path) -> list[Image.Image]:
         assert tiff.mode == "1"
         assert tiff.tag_v2[259] == 3, "compression must be CCITT T.4 (group3)"
         assert (tiff.tag_v2[282], tiff.tag_v2[283], tiff.tag_v2[296]) == (204, 196, 2)  # dpi, unit inch
+        assert tiff.tag_v2[262] == 0, "TIFF Class F is WhiteIsZero: paper goes out as white runs"
         assert tiff.size[0] == FAX_WIDTH
         pages.append(tiff.copy())
     return pages
