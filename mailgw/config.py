@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,9 @@ class ScenariosConfig:
 
     dir: Path = field(default_factory=lambda: shipped("scenarios"))  # NAME.yaml, referenced as NAME
     reload_interval: float = 2.0  # how often a running gateway looks for edited files
+    # What a "confirm: {via: phone}" call plays before reading the key (1 yes, 2 no): an Asterisk
+    # sound name or an absolute path without extension; record one that says so (docs/scenarios.md).
+    confirm_prompt: str = "beep"
 
 
 @dataclass(frozen=True)
@@ -343,7 +347,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         campon=_campon(campon, d.campon),
         media=_media(_section(raw, "media", {"spool", "max_voice_seconds", "max_fax_pages", "max_part_bytes"}),
                      d.media, base),
-        scenarios=_scenarios(_section(raw, "scenarios", {"dir", "reload_interval"}), d.scenarios, base),
+        scenarios=_scenarios(_section(raw, "scenarios", {"dir", "reload_interval", "confirm_prompt"}), d.scenarios, base),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
     )
@@ -352,7 +356,18 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
 def _scenarios(raw: dict[str, Any], d: ScenariosConfig, base: Path) -> ScenariosConfig:
     return ScenariosConfig(dir=_path(raw, "dir", d.dir, base) or d.dir,
                            reload_interval=_duration(raw.get("reload_interval"), d.reload_interval,
-                                                     "scenarios.reload_interval"))
+                                                     "scenarios.reload_interval"),
+                           confirm_prompt=_prompt(raw.get("confirm_prompt", d.confirm_prompt)))
+
+
+def _prompt(value: object) -> str:
+    # What Asterisk's Read() is given: a sound name or an absolute path, nothing that could
+    # break out of its argument list.
+    text = str(value)
+    if not re.fullmatch(r"/?[A-Za-z0-9_][A-Za-z0-9_./-]{0,199}", text) or ".." in text:
+        raise ConfigError(f"scenarios.confirm_prompt: {text!r} is not a sound name or absolute path "
+                          "(letters, digits, _ . / -; no extension)")
+    return text
 
 
 def _campon(raw: dict[str, Any], d: CamponConfig) -> CamponConfig:

@@ -30,6 +30,7 @@ class Person:
     secret: str | None = field(default=None, repr=False)  # SMTP AUTH password hash (mailgw passwd)
     imap: ImapAccount | None = None  # a remote IMAP mailbox; None: the embedded Maildir
     receipt_mailbox: str | None = None  # backend mdn: mail goes on to this address, a read receipt triggers
+    fax: str | None = None  # the person's fax machine: where a scenario's `fax` step sends by default
 
     @property
     def local_part(self) -> str:
@@ -94,7 +95,8 @@ def load_directory(path: Path) -> Directory:
 def _person(entry: object, where: str) -> Person:
     if not isinstance(entry, dict):
         raise DirectoryError(f"{where}: must be a mapping")
-    unknown = set(entry) - {"address", "name", "extension", "language", "groups", "numbers", "secret", "mailbox"}
+    unknown = set(entry) - {"address", "name", "extension", "language", "groups", "numbers", "secret", "mailbox",
+                                 "fax"}
     if unknown:
         raise DirectoryError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     address = normalise_address(str(entry.get("address", "")))
@@ -113,7 +115,17 @@ def _person(entry: object, where: str) -> Person:
         secret=_secret(entry.get("secret"), where),
         imap=_mailbox(entry.get("mailbox"), where),
         receipt_mailbox=_receipt_mailbox(entry.get("mailbox"), where),
+        fax=_fax(entry.get("fax"), where),
     )
+
+
+def _fax(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    number = str(value)
+    if not number.isdigit():
+        raise DirectoryError(f"{where}: fax {number!r} must be digits (an extension or a number)")
+    return number
 
 
 _IMAP_KEYS = {"backend", "host", "port", "tls", "username", "password", "folder"}

@@ -24,16 +24,19 @@ import email.policy
 import logging
 from email.header import Header
 from email.message import Message
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Callable
 
-from . import imapbox, mailbox, mdn
+from . import imapbox, inquiry, mailbox, mdn
 from .campon import Campons, should_camp
 from .config import Config
 from .notify import Notifier, Result
 from .outbound import Outbox
 from .pbx.port import CallOutcome, ConnectResult, Party, PbxError, PbxPort, PbxUnavailable
 from .request import Action, ExchangeRequest, Trigger, describe
+from .scenario import Scenario, ScenarioError, describe_steps, parse_scenario
+from .scenario_run import ScenarioRunner
 from .status import Refused
 from .store import CallEnd, MessageRow, MessageState, Store, utcnow
 
@@ -60,6 +63,7 @@ class Dispatcher:
                                                     on_expired=self._on_unread_expired)
         self.receipt_deadlines = mdn.ReceiptDeadlines(on_expired=self._on_unread_expired)
         self._read_fired: set[str] = set()  # two paths (receipt and flag, read twice) run it once
+        self.scenarios = ScenarioRunner(config, store, pbx, notifier, outbox, self._calls)
 
     def submit(self, message_ids: list[str]) -> None:
         """Called by ingress after the 250: start working on the new entries."""
@@ -115,6 +119,10 @@ class Dispatcher:
         if token is not None:
             await self._take_receipt(row, token, raw)
             return
+        token = inquiry.answer_token(row.rcpt_to, self.config.sender_address)
+        if token is not None:
+            await self._take_answer(row, token, raw)
+            return
         await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, raw,
                                 group=self.config.mailbox_group)
         await self.store.set_state(row.id, MessageState.DONE, stage="delivered", detail=f"to {row.rcpt_to}")
@@ -136,6 +144,20 @@ class Dispatcher:
             self.receipt_deadlines.forget(waiting.id)
             await self._on_gone(waiting.id)
 
+    async def _take_answer(self, row: MessageRow, token: str, raw: bytes) -> None:
+        """A reply to a scenario's inquiry mail: OK / NG from the person asked goes to the waiting step."""
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        step = await self.store.step_by_token(token)
+        waiting = step is not None and step.state == "running"
+        answer, verdict = inquiry.judge_answer(message, row.mail_from, step.asked if waiting and step else None)
+        if answer is not None and step is not None:
+            if not await self.store.answer_step(step.request_id, step.path, answer.answer, answer.sender):
+                answer, verdict = None, f"{verdict}, but the inquiry was answered already"
+        await self.store.set_state(row.id, MessageState.DONE, stage="answer", detail=verdict)
+        log.info("inquiry answer %s: %s", row.id, verdict)
+        if answer is not None:
+            self.scenarios.answered(token, answer.answer)
+
     async def _run_request(self, row: MessageRow) -> None:
         assert row.request is not None
         request = ExchangeRequest.from_json(row.request)
@@ -149,12 +171,15 @@ class Dispatcher:
             await self._await_reading(row, request)
             return
         now = utcnow()
-        decision = decide(request, row, now)
+        decision = decide(request, row, now, label=lambda n: self.notifier.label(n, request.confidential))
         if isinstance(decision, Wait):
             self._start_later(row.id, decision.seconds)
             return
         if isinstance(decision, Finish):
             await self._finish(row, request, decision.result)
+            return
+        if request.scenario_inline is not None:
+            await self._run_scenario(row, request)
             return
 
         calls = await self.store.calls_for(row.id)
@@ -193,6 +218,23 @@ class Dispatcher:
                            call=CallEnd(call_id, str(result.outcome), result.failed_party and str(result.failed_party),
                                         result.cause, result.from_answered_at, result.to_answered_at,
                                         result.ended_at))
+
+    async def _run_scenario(self, row: MessageRow, request: ExchangeRequest) -> None:
+        """The request's scenario (FIG. 39-43), step by step; resumed where a restart left it."""
+        try:
+            scenario = scenario_of(request)
+        except ScenarioError as exc:  # accepted under other limits (an upgrade): say so, do nothing
+            await self._finish(row, request, Result(row.id, "failed", f"the scenario cannot be run: {exc}",
+                                                    row.received_at))
+            return
+        log.info("request %s executing scenario %s (%d steps)", row.id, scenario.name, len(scenario.steps))
+        try:
+            result = await self.scenarios.run(row, request, scenario)
+        except PbxUnavailable as exc:
+            await self._pbx_unavailable(row, exc)
+            return
+        self._pbx_failures = 0
+        await self._finish(row, request, result)
 
     # --- user-reception trigger (seed 004, FIG. 34/36): run when the recipient reads the mail ---
 
@@ -299,6 +341,9 @@ class Dispatcher:
         """Nothing was dialled: forget the attempt and try again later, within the monitor window."""
         await self.store.finish_call(call_id, outcome="not-placed", failed_party=None, cause=None,
                                      from_answered_at=None, to_answered_at=None, ended_at=utcnow())
+        await self._pbx_unavailable(row, exc)
+
+    async def _pbx_unavailable(self, row: MessageRow, exc: Exception) -> None:
         self._pbx_failures += 1
         delay = min(PBX_RETRY_SECONDS * 2 ** (self._pbx_failures - 1), 60.0)
         await self.store.set_state(row.id, MessageState.QUEUED, stage="waiting",
@@ -319,7 +364,7 @@ class Dispatcher:
 
     async def _finish(self, row: MessageRow, request: ExchangeRequest, result: Result,
                       call: CallEnd | None = None) -> None:
-        ok = result.outcome in ("answered", "dry-run")
+        ok = result.outcome in ("answered", "dry-run", "completed")
         notification = None
         if should_notify(request, result):
             mail = self.notifier.result_mail(request, result)
@@ -345,8 +390,16 @@ def check_supported(request: ExchangeRequest, *, to_person: bool = True) -> None
     if request.trigger == Trigger.ON_READ and (request.action != Action.CONNECT or not to_person):
         raise Refused(550, "5.3.3", "field 'trigger': 'on-read' needs action 'connect' and a person as the "
                                     "recipient (someone who reads the mail)")
-    if request.scenario_name or request.scenario_inline:
-        raise Refused(550, "5.3.3", "field 'scenario': scenarios are not available on this gateway yet")
+    if (request.scenario_name or request.scenario_inline) and request.action != Action.CONNECT:
+        raise Refused(550, "5.3.3", f"field 'scenario': a scenario runs with action 'connect', not "
+                                    f"'{request.action}'")
+
+
+def scenario_of(request: ExchangeRequest) -> Scenario:
+    """The scenario a stored request carries (a stored one's text was frozen into it at DATA)."""
+    assert request.scenario_inline is not None
+    scenario = parse_scenario(request.scenario_inline)
+    return replace(scenario, name=request.scenario_name or scenario.name or "inline")
 
 
 @dataclass(frozen=True)
@@ -364,11 +417,12 @@ class Dial:
     pass
 
 
-def decide(request: ExchangeRequest, row: MessageRow, now: datetime) -> Wait | Finish | Dial:
-    """What to do with a stored request right now."""
+def decide(request: ExchangeRequest, row: MessageRow, now: datetime,
+           label: Callable[[str], str] = str) -> Wait | Finish | Dial:
+    """What to do with a stored request right now (``label`` shows a number in a dry-run plan)."""
     if request.dry_run:
         return Finish(Result(row.id, "dry-run", "dry run: nothing was dialled", row.received_at,
-                             dry_run_plan=plan(request)))
+                             dry_run_plan=plan(request, label)))
     window_opens = max(row.received_at, request.at) if request.at else row.received_at
     deadline = window_opens + timedelta(seconds=request.monitor)
     start = max(window_opens, row.not_before or window_opens)
@@ -393,11 +447,23 @@ def asking_for_receipt(raw: bytes, gateway_address: str, token: str) -> Message:
 def on_read_header(request: ExchangeRequest, notifier: Notifier) -> str:
     """What the reader is told will happen when they open the mail (one header line, ASCII-safe)."""
     who = notifier.label(request.from_number, request.confidential)
-    return Header(f"Opening this message will connect you with {who}", "utf-8").encode()  # RFC 2047 if needed
+    text = f"Opening this message will connect you with {who}"
+    if request.scenario_inline is not None:
+        kinds = [READER_SEES.get(step.kind, step.kind) for step in scenario_of(request).steps]
+        text = "Opening this message will " + ", then ".join(kinds).replace("{who}", who)
+    return Header(text, "utf-8").encode()  # RFC 2047 if needed
 
 
-def plan(request: ExchangeRequest) -> str:
+# What each top-level step means for the reader of an on-read scenario's mail.
+READER_SEES = {"play": "play you a voice message", "fax": "send you a FAX", "connect": "connect you with {who}",
+               "confirm": "ask you first", "wait": "wait", "parallel": "do several things at once",
+               "notify": "send a note"}
+
+
+def plan(request: ExchangeRequest, label: Callable[[str], str] = str) -> str:
     """The steps a request would take, for dry-run answers."""
+    if request.scenario_inline is not None:
+        return "\n".join(describe_steps(scenario_of(request).steps, request, label))
     steps = [f"1. ring {request.from_number} (your phone) for up to the ring timeout;",
              f"2. when it is answered, ring {request.to_number} and put you through."]
     if request.action is Action.CAMP_ON or request.retry:

@@ -22,6 +22,7 @@ from .policy import Verdict, authorise, check_number_rate, check_rate, sender_li
 from .dispatch import check_supported
 from .media import MediaError, MediaLimits, check_message
 from .request import ExchangeRequest, PartKind, describe, parse_request
+from .inquiry import answer_token, parse_answer
 from .mdn import token_of
 from .routing import route_recipient
 from .scenario_library import ScenarioLibrary, scenario_for
@@ -77,8 +78,7 @@ class IngressHandler:
             requests = []
             for rcpt in envelope.rcpt_tos:
                 request = self._parse(raw, mail_from, rcpt)
-                if request is None and self.directory.by_address(rcpt) is None \
-                        and token_of(rcpt, self.config.sender_address) is None:
+                if request is None and self.directory.by_address(rcpt) is None and not self._one_off(rcpt):
                     # A service mailbox has no reader: mail that is not a request cannot go there.
                     raise Refused(550, "5.6.0", f"{rcpt} takes requests only, and this mail is none "
                                                 "(automatic replies and result mails are not read)")
@@ -115,15 +115,24 @@ class IngressHandler:
         log.error("unexpected error in SMTP session", exc_info=error)
         return ascii_reply(TEMPORARY_FAILURE)
 
+    def _one_off(self, rcpt: str) -> bool:
+        """A one-off address of the gateway: a read receipt's or an inquiry answer's."""
+        gateway = self.config.sender_address
+        return token_of(rcpt, gateway) is not None or answer_token(rcpt, gateway) is not None
+
     def _parse(self, raw: bytes, mail_from: str, rcpt: str) -> ExchangeRequest | None:
         if token_of(rcpt, self.config.sender_address) is not None:
             return None  # a read receipt: stored as it is, the dispatcher reads it (mailgw/mdn.py)
+        if answer_token(rcpt, self.config.sender_address) is not None:
+            parse_answer(raw, mail_from)  # OK / NG, else refused saying what to write (mailgw/inquiry.py)
+            return None  # stored as it is; the dispatcher records the answer
         if self.campons is not None and rcpt == self.campons.reply_address:  # camp-on: a reply may cancel
             return self.campons.parse_reply(raw, mail_from, rcpt)
         request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config)
         if request is not None:
             if self.scenarios is not None:  # an unknown, invalid or hostile scenario is refused here
                 scenario_for(request, self.scenarios, self.config)
+                request = self.scenarios.frozen(request)  # the version in force now is the one that runs
             check_supported(request, to_person=self.directory.by_address(rcpt) is not None)
             if self.campons is not None:  # camp-on: duplicates, limits, who may cancel
                 self.campons.admit(request)

@@ -35,17 +35,18 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-def receipt_address(gateway_address: str, token: str) -> str:
-    """``mailgw@a.example`` + token → ``mailgw+mdn.<token>@a.example``."""
+def receipt_address(gateway_address: str, token: str, tag: str = "mdn") -> str:
+    """``mailgw@a.example`` + token → ``mailgw+mdn.<token>@a.example``. Other one-off addresses of
+    the gateway use another ``tag`` (``confirm``: replies to a scenario's inquiry mail)."""
     local, _, domain = gateway_address.rpartition("@")
-    return f"{local}+mdn.{token}@{domain}"
+    return f"{local}+{tag}.{token}@{domain}"
 
 
-def token_of(address: str, gateway_address: str) -> str | None:
-    """The token of one of our receipt addresses, or None for any other address."""
+def token_of(address: str, gateway_address: str, tag: str = "mdn") -> str | None:
+    """The token of one of our one-off addresses with ``tag``, or None for any other address."""
     local, _, domain = address.rpartition("@")
     gw_local, _, gw_domain = gateway_address.rpartition("@")
-    prefix = f"{gw_local}+mdn.".lower()
+    prefix = f"{gw_local}+{tag}.".lower()
     if domain.lower() != gw_domain.lower() or not local.lower().startswith(prefix):
         return None
     token = local[len(prefix):].lower()

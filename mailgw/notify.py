@@ -57,6 +57,10 @@ OUTCOME_STATUS = {
     "unwatchable": "5.3.3",     # the PBX cannot report this phone's state
     "line-state": "2.0.0",      # status monitor: the watched phone rang, answered or hung up
     "monitored": "2.0.0",       # status monitor: the monitor time is over
+    # scenarios (mailgw/scenario_run.py)
+    "completed": "2.0.0",       # every step was carried out
+    "declined": "5.0.0",        # a confirm step was answered NG (no)
+    "unconfirmed": "4.4.7",     # a confirm step had no answer in time
 }
 
 OUTCOME_JA = {
@@ -65,6 +69,7 @@ OUTCOME_JA = {
     "invalid-number": "番号が存在しません", "rejected": "着信拒否",
     "delivered": "配信済み", "deleted": "未読削除", "camping": "待機中", "cancelled": "取消", "refused": "ポリシーにより拒否", "already-ended": "終了済み",
     "unwatchable": "監視できません", "line-state": "状態通知", "monitored": "監視終了",
+    "completed": "完了", "declined": "辞退", "unconfirmed": "回答なし",
 }
 
 LANGUAGES = ("en", "ja")
@@ -98,6 +103,9 @@ class Result:
     status_code: str | None = None    # overrides OUTCOME_STATUS (a "camping" notice: the last attempt's)
     last_outcome: str | None = None   # outcome of the last attempt of a camp-on
     events: tuple[tuple[datetime, str], ...] = ()  # status monitor: (when, line state) since the last mail
+    # scenarios (mailgw/scenario_run.py)
+    scenario: str | None = None       # the scenario's name ("inline" for one sent in the mail)
+    steps: tuple[str, ...] = ()       # one line per step: "1. play: answered - ..."
 
     @property
     def status(self) -> str:
@@ -128,23 +136,58 @@ class Notifier:
             subject, body = _fallback(context)
         return self._compose(request, result, subject, body)
 
+    def inquiry_mail(self, request: ExchangeRequest, request_id: str, *, to: str, language: str, ask: str,
+                     deadline: datetime, reply_to: str) -> Message:
+        """A scenario's question for the recipient (``confirm: {via: mail}``), answered OK / NG by reply."""
+        language = language if language in LANGUAGES else "en"
+        context = {"request_id": request_id, "ask": ask, "deadline": _local(deadline),
+                   "sender": request.sender, "subject": request.subject, "domain": self.config.domains[0],
+                   "from_label": self.label(request.from_number, request.confidential)}
+        try:
+            subject, body = self._render(f"inquiry.{language}.txt", context)
+        except (TemplateError, OSError, ValueError) as exc:
+            log.error("template inquiry.%s.txt failed (%s); using the built-in wording", language, exc)
+            subject = f"Question [{request_id}]"
+            body = f"{ask}\n\nReply OK to go ahead or NG to decline, before {context['deadline']}.\n"
+        message = self._plain(to, subject, body, request_id, auto="auto-generated")
+        message["Reply-To"] = reply_to
+        return message
+
+    def note_mail(self, request: ExchangeRequest, request_id: str, *, to: str, language: str, text: str) -> Message:
+        """A scenario's ``notify`` step: its text, to the sender, the recipient or a local address."""
+        language = language if language in LANGUAGES else "en"
+        context = {"request_id": request_id, "text": text, "subject": request.subject,
+                   "domain": self.config.domains[0]}
+        try:
+            subject, body = self._render(f"note.{language}.txt", context)
+        except (TemplateError, OSError, ValueError) as exc:
+            log.error("template note.%s.txt failed (%s); using the built-in wording", language, exc)
+            subject, body = f"Note [{request_id}]", text + "\n"
+        return self._plain(to, subject, body, request_id, in_reply_to=request.message_id if to == request.sender
+                           else "", auto="auto-generated")
+
     def _compose(self, request: ExchangeRequest, result: Result, subject: str, body: str) -> Message:
+        message = self._plain(request.sender, subject, body, result.request_id, in_reply_to=request.message_id)
+        message["X-CTI-Outcome"] = result.outcome
+        message["X-CTI-Status"] = result.status
+        return message
+
+    def _plain(self, to: str, subject: str, body: str, request_id: str, *, in_reply_to: str = "",
+               auto: str = "auto-replied") -> Message:
         # compat32 MIME classes, not EmailMessage: composing is on the hot path and the header
         # registry of the modern policy costs about 1 ms a mail; the output is the same MIME.
         ascii_only = body.isascii()
         message = MIMEText(body, "plain", "us-ascii" if ascii_only else "utf-8")
         message["From"] = formataddr(("mailgw", self.config.sender_address))
-        message["To"] = request.sender
+        message["To"] = to
         message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
         message["Date"] = format_datetime(datetime.now().astimezone())
         message["Message-ID"] = make_msgid(domain=self.config.domains[0])
-        if request.message_id:
-            message["In-Reply-To"] = request.message_id
-            message["References"] = request.message_id
-        message["Auto-Submitted"] = "auto-replied"  # RFC 3834: no auto-reply loops
-        message["X-CTI-Request"] = result.request_id
-        message["X-CTI-Outcome"] = result.outcome
-        message["X-CTI-Status"] = result.status
+        if in_reply_to:
+            message["In-Reply-To"] = in_reply_to
+            message["References"] = in_reply_to
+        message["Auto-Submitted"] = auto  # RFC 3834: no auto-reply loops
+        message["X-CTI-Request"] = request_id
         return message
 
     def _render(self, name: str, context: dict[str, Any]) -> tuple[str, str]:
@@ -181,6 +224,8 @@ class Notifier:
             "events": [(_local(at), state, LINE_STATE_EN.get(state, state), LINE_STATE_JA.get(state, state))
                        for at, state in result.events],
             "gateway_address": self.config.sender_address,
+            "scenario": result.scenario,
+            "steps": result.steps,
         }
 
     def label(self, number: str | None, confidential: bool) -> str:

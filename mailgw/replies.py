@@ -76,7 +76,7 @@ def confirm_answer(text: str) -> str | None:
     return None
 
 
-def _body_text(message: Message) -> str:
+def body_text(message: Message) -> str:
     part = message.get_body(preferencelist=("plain",)) if hasattr(message, "get_body") else None
     if part is None:
         return ""
@@ -87,7 +87,7 @@ def _body_text(message: Message) -> str:
         return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
 
 
-def _is_automatic(message: Message, mail_from: str) -> bool:
+def is_automatic(message: Message, mail_from: str) -> bool:
     if not mail_from:
         return True  # bounces and other notifications come from the null sender
     auto = (message.get("Auto-Submitted") or "no").strip().lower()
@@ -101,7 +101,7 @@ def parse_reply(raw: bytes, *, mail_from: str, rcpt_to: str, config: Config, dir
     ``lookup`` maps the Message-IDs the reply refers to onto a pending request id.
     """
     message = email.message_from_bytes(raw, policy=email.policy.default)
-    if _is_automatic(message, mail_from):
+    if is_automatic(message, mail_from):
         return None
     _, address = email.utils.parseaddr(str(message.get("From") or ""))
     sender = normalise_address(address) if "@" in address else normalise_address(mail_from)
@@ -115,7 +115,7 @@ def parse_reply(raw: bytes, *, mail_from: str, rcpt_to: str, config: Config, dir
         raise Refused(550, "5.6.0", f"{rcpt_to} only reads replies to the gateway's mails (to cancel a camp-on, "
                                     "reply to its mail with the word 'cancel'); send requests to a person or to "
                                     f"cti@{config.domains[0]}")
-    word = first_word(_body_text(message))
+    word = first_word(body_text(message))
     if word not in CANCEL_WORDS:
         raise Refused(550, "5.6.0", f"reply not understood: to cancel request {request_id}, write only the word "
                                     "'cancel' (or 取消) at the top of your reply")

@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from .config import Config
 from .directory import Directory, normalise_address
+from .inquiry import answer_token
 from .mdn import token_of
 from .status import Refused
 
@@ -44,6 +45,8 @@ def route_recipient(address: str, config: Config, directory: Directory) -> Route
         return Route(RouteKind.GATEWAY, normalised)  # replies: "cancel" (mailgw/replies.py)
     if token_of(normalised, config.sender_address) is not None:
         return Route(RouteKind.GATEWAY, normalised)  # a read receipt for an on-read request (mailgw/mdn.py)
+    if answer_token(normalised, config.sender_address) is not None:
+        return Route(RouteKind.GATEWAY, normalised)  # an answer to a scenario's inquiry (mailgw/inquiry.py)
     if directory.by_address(normalised) is not None:
         return Route(RouteKind.PERSON, normalised)
     raise Refused(550, "5.1.1", f"no such user here: {normalised}")

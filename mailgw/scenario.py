@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 import yaml
 from jinja2 import nodes as jinja_nodes
@@ -235,10 +235,14 @@ def template_problem(text: str) -> str | None:
     return None
 
 
-def render(text: str, request: ExchangeRequest, request_id: str, limits: ScenarioLimits = LIMITS) -> str:
-    """A checked scenario text with the request's values filled in (sandboxed, length-capped)."""
+def render(text: str, request: ExchangeRequest, request_id: str, limits: ScenarioLimits = LIMITS,
+           label: Callable[[str], str] | None = None) -> str:
+    """A checked scenario text with the request's values filled in (sandboxed, length-capped);
+    ``label`` shows a number the way mails do ("Alice Archer (2000)")."""
     def number(value: str | None) -> str:
-        return "(confidential)" if request.confidential else (value or "")
+        if request.confidential:
+            return "(confidential)"
+        return (label(value) if label is not None else value) if value else ""
     values = {"from": number(request.from_number), "to": number(request.to_number), "sender": request.sender,
               "recipient": request.recipient, "subject": request.subject, "request": request_id}
     return _SANDBOX.from_string(text).render(values)[:limits.max_text]
@@ -569,12 +573,17 @@ def parse_scenario(text: str, limits: ScenarioLimits = LIMITS) -> Scenario:
 
 def load_file(path: Path, limits: ScenarioLimits = LIMITS) -> Scenario:
     """A stored scenario: ``scenarios/NAME.yaml``; its ``name``, when given, must be the file's."""
-    scenario = parse_scenario(Path(path).read_text(encoding="utf-8"), limits)
-    stem = Path(path).stem
+    return stored_scenario(Path(path).read_text(encoding="utf-8"), Path(path), limits)
+
+
+def stored_scenario(text: str, path: Path, limits: ScenarioLimits = LIMITS) -> Scenario:
+    """``text`` read from the stored scenario file ``path`` (named after the file)."""
+    scenario = parse_scenario(text, limits)
+    stem = path.stem
     if scenario.name is None:
         return replace(scenario, name=stem)
     if scenario.name != stem:
-        raise ScenarioError([Problem(None, f"'name' is {scenario.name!r} but the file is {Path(path).name}: "
+        raise ScenarioError([Problem(None, f"'name' is {scenario.name!r} but the file is {path.name}: "
                                            f"senders use the file name, so they must agree")])
     return scenario
 
@@ -611,6 +620,41 @@ def walk(steps: tuple[Step, ...]) -> Iterator[Step]:
                 yield from walk(branch)
         for _, branch in step.on:
             yield from walk(branch)
+
+
+def describe_steps(steps: tuple[Step, ...], request: ExchangeRequest, label: Callable[[str], str] = str,
+                   prefix: str = "") -> list[str]:
+    """What the steps would do for ``request``, one line each (a dry run's plan)."""
+    def who(number: str | None) -> str:
+        return label(number) if number else "-"
+    to = who(request.to_number)
+    lines = []
+    for number, step in enumerate(steps, start=1):
+        action = step.action
+        if isinstance(action, Play):
+            what = f"play {action.part.written} to {who(action.to) if action.to else to}"
+        elif isinstance(action, Fax):
+            what = f"fax {action.part.written} to {who(action.to) if action.to else to + ' (their fax machine)'}"
+        elif isinstance(action, Connect):
+            what = f"connect {who(action.from_ or request.from_number)} and {who(action.to) if action.to else to}"
+        elif isinstance(action, Confirm):
+            what = (f"ask {to} by {action.via} and wait up to {_hours(action.timeout)}; "
+                    f"on no: {action.on_no}, on no answer: {action.on_timeout}")
+        elif isinstance(action, Wait):
+            what = f"wait {_hours(action.seconds)}"
+        elif isinstance(action, Parallel):
+            what = "at the same time: " + " | ".join("; ".join(describe_steps(branch, request, label))
+                                                     for branch in action.branches)
+        else:
+            assert isinstance(action, Notify)
+            what = f"mail a note to {action.to}"
+        if step.on_failure.action != Failure.STOP:
+            what += f" (on failure: {step.on_failure.action}{f' {step.on_failure.retries}' if step.on_failure.retries else ''})"
+        lines.append(f"{prefix}{number}. {what}")
+        for outcome, branch in step.on:
+            lines.append(f"{prefix}{number}. if {outcome}:")
+            lines += ["   " + line for line in describe_steps(branch, request, label, f"{prefix}{number}.")]
+    return lines
 
 
 # --- one scenario for one request ----------------------------------------------------------------

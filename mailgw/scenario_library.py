@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from .config import Config
 from .request import ExchangeRequest
-from .scenario import NAME, LIMITS, Scenario, ScenarioError, ScenarioLimits, check_scenario, load_file, \
-    parse_scenario, refusal
+from .scenario import NAME, LIMITS, Scenario, ScenarioError, ScenarioLimits, check_scenario, parse_scenario, \
+    refusal, stored_scenario
 from .status import Refused
 
 log = logging.getLogger("mailgw.scenario")
@@ -44,11 +44,18 @@ class ScenarioLibrary:
         self.interval = interval
         self.limits = limits
         self._scenarios: dict[str, Scenario] = {}
+        self._texts: dict[str, str] = {}
         self._seen: dict[str, tuple[int, int, int]] = {}
         self._listeners: list[Callable[[Change], None]] = []
 
     def get(self, name: str) -> Scenario | None:
         return self._scenarios.get(name)
+
+    def frozen(self, request: ExchangeRequest) -> ExchangeRequest:
+        """``request`` carrying the text of the stored scenario it names, as in force now: an
+        admin's later edit does not change a request already accepted (or one half-way through)."""
+        text = self._texts.get(request.scenario_name or "")
+        return replace(request, scenario_inline=text) if text is not None else request
 
     def names(self) -> list[str]:
         return sorted(self._scenarios)
@@ -83,6 +90,7 @@ class ScenarioLibrary:
             changes.append(self._load(name, path))
         for name in sorted(set(self._seen) - present):
             del self._seen[name]
+            self._texts.pop(name, None)
             if self._scenarios.pop(name, None) is not None:
                 log.info("scenario %s removed (%s is gone)", name, self.directory / f"{name}.yaml")
                 changes.append(Change(name, "removed"))
@@ -93,7 +101,8 @@ class ScenarioLibrary:
 
     def _load(self, name: str, path: Path) -> Change:
         try:
-            scenario = load_file(path, self.limits)
+            text = path.read_text(encoding="utf-8")
+            scenario = stored_scenario(text, path, self.limits)
         except ScenarioError as exc:
             problems = "; ".join(p.show(str(path)) for p in exc.problems)
             kept = "the previous version stays in force" if name in self._scenarios else "it is not available"
@@ -104,6 +113,7 @@ class ScenarioLibrary:
             return Change(name, "refused", str(exc))
         replaced = name in self._scenarios
         self._scenarios[name] = scenario
+        self._texts[name] = text
         log.info("scenario %s %s from %s (%d steps)", name, "reloaded" if replaced else "loaded", path,
                  len(scenario.steps))
         return Change(name, "loaded")

@@ -206,6 +206,7 @@ class Store:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
         db.executescript(CAMPON_SCHEMA)
+        db.executescript(SCENARIO_SCHEMA)
         self._db = db
 
     async def close(self) -> None:
@@ -578,6 +579,63 @@ class Store:
                                " AND at > ? ORDER BY rowid", (message_id, stage, _ts(since) or ""))
         return [(_dt(r[0]), r[1]) for r in rows]  # type: ignore[misc]
 
+    # --- scenario steps (mailgw/scenario_run.py) ----------------------------------------------------
+
+    async def scenario_steps(self, request_id: str) -> list[StepRow]:
+        rows = await self._run(self._query, "SELECT * FROM scenario_steps WHERE request_id = ? ORDER BY rowid",
+                               (request_id,))
+        return [_step(r) for r in rows]
+
+    async def start_step(self, request_id: str, path: str, kind: str) -> None:
+        """A step begins (written before it dials or mails anything); a second start is a no-op."""
+        await self._commit([("INSERT OR IGNORE INTO scenario_steps (request_id, path, kind, state, started_at)"
+                             " VALUES (?,?,?,?,?)", (request_id, path, kind, "running", _ts(utcnow())))])
+
+    async def step_attempt(self, request_id: str, path: str, attempts: int) -> None:
+        await self._commit([("UPDATE scenario_steps SET attempts = ? WHERE request_id = ? AND path = ?",
+                             (attempts, request_id, path))])
+
+    async def finish_step(self, request_id: str, path: str, *, outcome: str, ok: bool, detail: str,
+                          mails: list["OutboxEntry"] = ()) -> None:  # type: ignore[assignment]
+        """A step ended; ``mails`` (a notify step's note) are queued in the same transaction, so a
+        crash neither loses nor repeats them."""
+        now = _ts(utcnow())
+        statements: Statements = [
+            ("UPDATE scenario_steps SET state = 'done', outcome = ?, ok = ?, detail = ?, ended_at = ?"
+             " WHERE request_id = ? AND path = ?", (outcome, int(ok), detail, now, request_id, path)),
+            ("INSERT INTO stages VALUES (?,?,?,?)", (request_id, now, "step", f"{path} {outcome} {detail}")),
+        ]
+        for mail in mails:
+            statements += _outbox_insert(mail)
+        await self._commit(statements)
+
+    async def ask_by_mail(self, request_id: str, path: str, *, token: str, asked: str,
+                          inquiry: "OutboxEntry") -> None:
+        """A confirm step's inquiry mail is queued and its reply token recorded, together."""
+        statements: Statements = [("UPDATE scenario_steps SET token = ?, asked = ? WHERE request_id = ? AND path = ?",
+                                   (token, asked, request_id, path))]
+        await self._commit(statements + _outbox_insert(inquiry))
+
+    async def step_by_token(self, token: str) -> StepRow | None:
+        rows = await self._run(self._query, "SELECT * FROM scenario_steps WHERE token = ?", (token,))
+        return _step(rows[0]) if rows else None
+
+    async def answer_step(self, request_id: str, path: str, answer: str, by: str) -> bool:
+        """Record the answer to a waiting confirm step; False when it had one already or has ended."""
+        def write() -> bool:
+            assert self._db is not None
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                changed = self._db.execute(
+                    "UPDATE scenario_steps SET answer = ?, answered_by = ? WHERE request_id = ? AND path = ?"
+                    " AND state = 'running' AND answer IS NULL", (answer, by, request_id, path)).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return changed == 1
+        return await self._run(write)
+
 
 @dataclass(frozen=True)
 class CallEnd:
@@ -738,3 +796,55 @@ def _finish_call_sql(call_id: str, *, outcome: str, failed_party: str | None, ca
 
 
 
+
+
+# --- scenario steps --------------------------------------------------------------------------------
+# One row per step of a request's scenario (path "1", "2.b1.1" for parallel branch 1, "1.B.1" for
+# the `on: busy` branch), written when the step starts and again when it ends. A restarted gateway
+# skips done steps, resumes waits and inquiries, and never dials a step's call again.
+
+SCENARIO_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scenario_steps (
+    request_id  TEXT NOT NULL REFERENCES messages(id),
+    path        TEXT NOT NULL,
+    kind        TEXT NOT NULL,           -- play, fax, connect, confirm, wait, parallel, notify
+    state       TEXT NOT NULL,           -- running, done
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    outcome     TEXT,                    -- answered, busy, ..., yes, no, timeout, done, failed
+    ok          INTEGER,
+    detail      TEXT NOT NULL DEFAULT '',
+    token       TEXT,                    -- confirm by mail: the reply address's token
+    asked       TEXT,                    -- confirm by mail: who was asked (only they may answer)
+    answer      TEXT,                    -- confirm: yes / no, once it came
+    answered_by TEXT,
+    started_at  TEXT NOT NULL,
+    ended_at    TEXT,
+    PRIMARY KEY (request_id, path)
+);
+CREATE INDEX IF NOT EXISTS scenario_steps_token ON scenario_steps(token);
+"""
+
+
+@dataclass(frozen=True)
+class StepRow:
+    request_id: str
+    path: str
+    kind: str
+    state: str
+    attempts: int
+    outcome: str | None
+    ok: bool
+    detail: str
+    token: str | None
+    asked: str | None
+    answer: str | None
+    answered_by: str | None
+    started_at: datetime
+    ended_at: datetime | None
+
+
+def _step(r: sqlite3.Row) -> StepRow:
+    return StepRow(request_id=r["request_id"], path=r["path"], kind=r["kind"], state=r["state"],
+                   attempts=r["attempts"], outcome=r["outcome"], ok=bool(r["ok"]), detail=r["detail"],
+                   token=r["token"], asked=r["asked"], answer=r["answer"], answered_by=r["answered_by"],
+                   started_at=_dt(r["started_at"]), ended_at=_dt(r["ended_at"]))  # type: ignore[arg-type]

@@ -53,10 +53,13 @@ async def next_change(gateway: Gateway, name: str, write: Callable[[], None]) ->
         stop()
 
 
-def named(scenario: str, *, voice: bool = False) -> EmailMessage:
+SAMPLE_VOICE = (Path(__file__).parent.parent / "media" / "sample-voice.wav").read_bytes()
+
+
+def named(scenario: str, *, voice: bool = False, sound: bytes = b"RIFF\x24\x00\x00\x00WAVE") -> EmailMessage:
     message = request_mail("alice@a.example", "cti@a.example", f"to: 2001\nscenario: {scenario}\n")
     if voice:
-        message.add_attachment(b"RIFF\x24\x00\x00\x00WAVE", maintype="audio", subtype="wav", filename="m.wav")
+        message.add_attachment(sound, maintype="audio", subtype="wav", filename="m.wav")
     return message
 
 
@@ -72,10 +75,13 @@ async def test_stored_scenario_must_fit_the_mails_parts(gateway: Gateway) -> Non
     reply = await submit(gateway.smtp_port, named("voice-then-connect"))
     assert (reply.code, reply.text) == (550, "5.6.0 field 'scenario': stored scenario 'voice-then-connect': "
                                              "5:5: play 'voice': the mail has no voice part")
-    # With its voice part the scenario fits; running scenarios is the next stage (not yet here).
+    # A voice part that is no sound is refused naming the part; a real one makes the request fit.
     reply = await submit(gateway.smtp_port, named("voice-then-connect", voice=True))
-    assert (reply.code, reply.text) == (550, "5.3.3 field 'scenario': scenarios are not available on this gateway yet")
+    assert (reply.code, reply.text) == (550, "5.6.1 part 2 (m.wav): not a readable WAV file: Error in WAV file. "
+                                             "No 'data' chunk marker.")
     assert await gateway.store.list_messages() == []
+    reply = await submit(gateway.smtp_port, named("voice-then-connect", voice=True, sound=SAMPLE_VOICE))
+    assert reply.code == 250, reply
 
 
 def test_inline_scenario_problems_point_into_the_yaml_part() -> None:
