@@ -1,7 +1,9 @@
 """Request-path benchmark: mailgw against the aiosmtpd floor, in one run, on loopback.
 
-    .venv/bin/python bench/request_path.py                 # full run (a few minutes)
-    .venv/bin/python bench/request_path.py --mails 500     # quicker
+    .venv/bin/python bench/request_path.py                          # default run (about 1-2 minutes)
+    .venv/bin/python bench/request_path.py --n 3000 --big-n 300     # longer, steadier figures
+    .venv/bin/python bench/request_path.py --concurrency 10 --n 500 # one concurrency, quicker
+    .venv/bin/python bench/request_path.py --profile var/profile    # also profile mailgw (py-spy)
 
 It starts, each in its own process:
 
@@ -12,12 +14,16 @@ It starts, each in its own process:
     faster so calls never pile up; every mail names its own pair of numbers so no phone is busy).
 
 A load generator (this process, a minimal SMTP client on raw sockets so it costs little) sends
-N request mails of ~4 KB at concurrency C to each, then a run with ~200 KB voice attachments, and
-prints one table: mails/s, the ratio, p50/p99 from end of DATA to the 250, and for mailgw p50/p99
-from end of DATA to the Originate action arriving at the PBX (the simulator notes when each
-Originate arrives; both clocks are this machine's ``time.time()``). A last run sends at half of
-mailgw's measured maximum rate, where the < 25 ms DATA->Originate target applies. Finally it checks
-that every accepted mail became exactly one call.
+N request mails of ~4 KB at each concurrency C to each server, then N/10 mails with a ~200 KB WAV
+voice attachment, and prints one table: mails/s, the ratio, p50/p99 from end of DATA to the 250,
+and for mailgw p50/p99 from end of DATA to the Originate action arriving at the PBX (the
+simulator notes when each Originate arrives; both clocks are this machine's ``time.time()``). A
+last run sends at half of mailgw's measured maximum rate, where the < 25 ms DATA->Originate target
+applies. Finally it checks that every accepted mail became exactly one call (exit status 1 if not).
+
+``--profile DIR`` runs mailgw under py-spy (``pip install -e '.[bench]'``) and writes
+``DIR/mailgw.speedscope.json`` (open it in speedscope.app) and a text summary of the hottest
+functions, ``DIR/mailgw-top.txt``. ``--json FILE`` writes the figures for programs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
+import json
+import math
+import shutil
+import struct
 import os
 import random
 import signal
@@ -32,6 +43,7 @@ import socket
 import sys
 import tempfile
 import time
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +96,22 @@ def serve_floor(port: int, folder: Path) -> None:
     asyncio.run(main())
 
 
+def serve_simulator(port: int) -> None:
+    """The built-in AMI simulator alone, as a separate PBX process (``--pbx process``)."""
+    from mailgw.pbx.simulator import AmiSimulator
+
+    async def main() -> None:
+        sim = AmiSimulator(time_scale=0.001)
+        await sim.start("127.0.0.1", port)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+        await sim.stop()
+
+    asyncio.run(main())
+
+
 # --- load generator -----------------------------------------------------------------------------
 
 @dataclass
@@ -99,6 +127,7 @@ class RunResult:
     label: str
     samples: list[Sample] = field(default_factory=list)
     elapsed: float = 0.0
+    cpu: float = 0.0  # CPU seconds the server's processes used for this run, until they were idle again
 
     @property
     def accepted(self) -> list[Sample]:
@@ -110,6 +139,10 @@ class RunResult:
 
     def reply_ms(self) -> list[float]:
         return [(s.reply_at - s.end_of_data) * 1000 for s in self.accepted]
+
+    @property
+    def cpu_ms_per_mail(self) -> float:
+        return 1000 * self.cpu / len(self.accepted) if self.accepted else float("nan")
 
 
 class SmtpSession:
@@ -180,6 +213,21 @@ def request_mail(index: int, attachment: bytes | None) -> bytes:
     return mail.encode()
 
 
+def voice_wav(size: int = 200 * 1024) -> bytes:
+    """A real voice-like WAV of about ``size`` bytes (8 kHz 16-bit mono, a wavering tone): the
+    gateway checks voice parts at DATA, so random bytes would be refused."""
+    frames = (size - 44) // 2
+    samples = b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * (300 + 100 * math.sin(i / 800)) * i / 8000)))
+                       for i in range(frames))
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(samples)
+    return out.getvalue()
+
+
 async def closed_loop(label: str, port: int, mails: list[bytes], concurrency: int) -> RunResult:
     """C sessions, each sending its next mail as soon as the previous one was answered."""
     result = RunResult(label)
@@ -229,6 +277,34 @@ async def open_loop(label: str, port: int, mails: list[bytes], rate: float, sess
     return result
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def until_idle(pids: list[int], quiet: float = 0.02, step: float = 0.25) -> float:
+    """Wait until the server has finished what the run caused (calls, result mails); its CPU then."""
+    before = cpu_seconds(pids)
+    while True:
+        await asyncio.sleep(step)  # sampling a process's CPU clock; there is no event to await
+        now = cpu_seconds(pids)
+        if now - before < quiet:
+            return now
+        before = now
+
+
+async def measured(run, pids: list[int]) -> RunResult:  # noqa: ANN001
+    """One run against a server, with the CPU its processes spent on it."""
+    start = await until_idle(pids)
+    result = await run
+    result.cpu = await until_idle(pids) - start
+    return result
+
+
 # --- processes ----------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -257,21 +333,33 @@ async def _drain(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-async def stop_process(proc: asyncio.subprocess.Process) -> None:
-    proc.send_signal(signal.SIGTERM)
+def gateway_pid(proc: asyncio.subprocess.Process, *, under_profiler: bool) -> int:
+    """The gateway's own process: under py-spy it is py-spy's child."""
+    if not under_profiler:
+        return proc.pid
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    return int(children[0])
+
+
+async def stop_process(proc: asyncio.subprocess.Process, *, under_profiler: bool = False) -> None:
+    """SIGTERM and wait. Under py-spy, stopping the gateway makes py-spy write its profile and exit."""
     try:
-        await asyncio.wait_for(proc.wait(), 30)
+        os.kill(gateway_pid(proc, under_profiler=under_profiler), signal.SIGTERM)
+    except (OSError, IndexError):
+        pass
+    try:
+        await asyncio.wait_for(proc.wait(), 60)
     except TimeoutError:
         proc.kill()
 
 
-def mailgw_config(folder: Path, smtp_port: int, ami_port: int) -> Path:
+def mailgw_config(folder: Path, smtp_port: int, ami_port: int, embedded_simulator: bool = True) -> Path:
     config = folder / "gateway.yaml"
     config.write_text(yaml.safe_dump({
         "data_dir": str(folder / "var"),
         "mailbox": {"root": str(folder / "mailbox")},
         "smtp": {"listen": f"127.0.0.1:{smtp_port}"},
-        "pbx": {"ami": {"port": ami_port}, "simulator": {"time_scale": 0.001}, "max_concurrent_calls": 500},
+        "pbx": {"ami": {"port": ami_port}, "simulator": {"enabled": embedded_simulator, "time_scale": 0.001}, "max_concurrent_calls": 500},
         # The bench sends thousands of requests from one sender to a few thousand numbers; the
         # rate limits (tested on their own) would refuse most of them.
         "policy": {"per_sender_per_hour": 10_000_000, "per_number_per_minute": 10_000_000,
@@ -301,69 +389,154 @@ def pct(values: list[float], q: float) -> float:
 
 
 def originate_ms(result: RunResult, started: dict[str, float]) -> tuple[list[float], int]:
+    """DATA->Originate latencies, and how many accepted mails became exactly one call."""
     latencies, calls = [], 0
     for sample in result.accepted:
         request_id = sample.text.rsplit("queued as ", 1)[-1].strip()
         at = started.get(f"{request_id}-1")
-        if at is not None:
+        if at is not None and f"{request_id}-2" not in started:
             calls += 1
             latencies.append((at - sample.end_of_data) * 1000)
     return latencies, calls
 
 
-async def main() -> None:
+@dataclass
+class Row:
+    label: str
+    floor: RunResult | None
+    mailgw: RunResult
+
+    def figures(self, started: dict[str, float]) -> dict[str, object]:
+        orig, calls = originate_ms(self.mailgw, started)
+        a, b = self.floor, self.mailgw
+        return {
+            "run": self.label, "sent": len(b.samples), "accepted": len(b.accepted), "calls": calls,
+            "floor_per_s": a.rate if a else None, "mailgw_per_s": b.rate,
+            "ratio": b.rate / a.rate if a and a.rate else None,
+            "floor_250_ms": [pct(a.reply_ms(), 50), pct(a.reply_ms(), 99)] if a else None,
+            "mailgw_250_ms": [pct(b.reply_ms(), 50), pct(b.reply_ms(), 99)],
+            "originate_ms": [pct(orig, 50), pct(orig, 99)],
+            "floor_cpu_ms_per_mail": a.cpu_ms_per_mail if a else None, "mailgw_cpu_ms_per_mail": b.cpu_ms_per_mail,
+        }
+
+
+def print_table(figures: list[dict]) -> None:
+    def pair(values: list[float] | None) -> str:
+        return f"{values[0]:.1f} / {values[1]:.1f}" if values else ""
+
+    def num(value: float | None, fmt: str) -> str:
+        return format(value, fmt) if value is not None else ""
+
+    print(machine.describe())
+    print(f"{'run':26} {'floor/s':>8} {'mailgw/s':>9} {'ratio':>6} {'floor 250 p50/p99':>18} "
+          f"{'mailgw 250 p50/p99':>19} {'DATA->Originate p50/p99':>24} {'CPU ms/mail floor/mailgw':>25} "
+          f"{'calls/accepted/sent':>20}")
+    for f in figures:
+        print(f"{f['run']:26} {num(f['floor_per_s'], '8.0f'):>8} {f['mailgw_per_s']:9.0f} "
+              f"{num(f['ratio'], '6.0%'):>6} {pair(f['floor_250_ms']):>18} {pair(f['mailgw_250_ms']):>19} "
+              f"{pair(f['originate_ms']):>24} {num(f['floor_cpu_ms_per_mail'], '.2f'):>17} / "
+              f"{f['mailgw_cpu_ms_per_mail']:<5.2f} {f['calls']:>8}/{f['accepted']}/{f['sent']}")
+    print("latencies in ms")
+
+
+async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mails", type=int, default=3000, help="4 KB mails per run")
-    parser.add_argument("--big-mails", type=int, default=300, help="200 KB mails per run")
+    parser.add_argument("--n", "--mails", type=int, default=1000, help="4 KB mails per run (default 1000)")
+    parser.add_argument("--big-n", "--big-mails", type=int, default=None,
+                        help="mails with a 200 KB WAV per run (default N/10)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--warm-up", type=int, default=100, help="mails sent to each server first, not counted")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="run mailgw under py-spy, write its profile here")
+    parser.add_argument("--pbx", choices=["embedded", "process"], default="embedded",
+                        help="the simulator inside mailgw (its embedded default) or in its own process, "
+                             "as a real Asterisk would be")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
+    big_n = args.n // 10 if args.big_n is None else args.big_n
 
     folder = Path(tempfile.mkdtemp(prefix="mailgw-bench-"))
     (folder / "floor").mkdir()
     floor_port, gw_port, ami_port = free_port(), free_port(), free_port()
+    embedded = args.pbx == "embedded"
+    gateway_cmd = [sys.executable, "-m", "mailgw.cli", "serve", "--log-level", "WARNING",
+                   "--config", str(mailgw_config(folder, gw_port, ami_port, embedded))]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        gateway_cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "200", "--nonblocking",
+                       "--gil", "--format", "raw", "--output", str(args.profile / "mailgw.folded"), "--", *gateway_cmd]
     floor = await start_process(sys.executable, __file__, "--serve-floor", str(floor_port), str(folder / "floor"),
                                 ready="ready")
-    gateway = await start_process(sys.executable, "-m", "mailgw.cli", "serve", "--log-level", "WARNING",
-                                  "--config", str(mailgw_config(folder, gw_port, ami_port)), ready=None)
-    await wait_for_port(gw_port)
-
-    small = [request_mail(i, None) for i in range(args.mails)]
-    voice = os.urandom(150 * 1024)  # ~200 KB once base64-encoded
-    big = [request_mail(args.mails + i, voice) for i in range(args.big_mails)]
-    rows: list[tuple[str, RunResult, RunResult]] = []
+    pbx = None if embedded else await start_process(sys.executable, __file__, "--serve-simulator", str(ami_port),
+                                                    ready="ready")
+    gateway = await start_process(*gateway_cmd, ready=None)
+    rows: list[Row] = []
     try:
-        await closed_loop("warm-up", gw_port, small[:200], 10)
-        await closed_loop("warm-up", floor_port, small[:200], 10)
+        await wait_for_port(gw_port)
+        gateway_pids = [gateway_pid(gateway, under_profiler=bool(args.profile))] + ([pbx.pid] if pbx else [])
+        small = [request_mail(i, None) for i in range(args.warm_up + args.n)]
+        voice = voice_wav()
+        big = [request_mail(len(small) + i, voice) for i in range(big_n)]
+
+        async def both(label: str, mails: list[bytes], concurrency: int) -> Row:
+            return Row(label, await measured(closed_loop(label, floor_port, mails, concurrency), [floor.pid]),
+                       await measured(closed_loop(label, gw_port, mails, concurrency), gateway_pids))
+
+        await both("warm-up", small[:args.warm_up], 10)
+        small = small[args.warm_up:]
         for concurrency in args.concurrency:
-            a = await closed_loop(f"4 KB, C={concurrency}", floor_port, small, concurrency)
-            b = await closed_loop(f"4 KB, C={concurrency}", gw_port, small, concurrency)
-            rows.append((a.label, a, b))
-        a = await closed_loop("200 KB, C=10", floor_port, big, 10)
-        b = await closed_loop("200 KB, C=10", gw_port, big, 10)
-        rows.append((a.label, a, b))
-        best = max(r[2].rate for r in rows[:-1])
-        half = await open_loop(f"4 KB at {best / 2:.0f}/s", gw_port, small, best / 2, 64)
+            rows.append(await both(f"4 KB, C={concurrency}", small, concurrency))
+        if big:
+            for concurrency in args.concurrency:
+                rows.append(await both(f"200 KB WAV, C={concurrency}", big, concurrency))
+        best = max(r.mailgw.rate for r in rows if r.label.startswith("4 KB"))
+        label = f"4 KB at {best / 2:.0f}/s (half max)"
+        rows.append(Row(label, None, await measured(open_loop(label, gw_port, small, best / 2, 64), gateway_pids)))
         started = await originate_times(ami_port)
     finally:
-        await stop_process(gateway)
+        await stop_process(gateway, under_profiler=bool(args.profile))
+        if pbx is not None:
+            await stop_process(pbx)
         await stop_process(floor)
+        shutil.rmtree(folder, ignore_errors=True)
 
+    figures = [row.figures(started) for row in rows]
     print()
-    print(machine.describe())
-    print(f"{'run':18} {'floor mails/s':>13} {'mailgw mails/s':>14} {'ratio':>6} "
-          f"{'floor 250 p50/p99 ms':>21} {'mailgw 250 p50/p99 ms':>22} {'DATA->Originate p50/p99 ms':>27} {'calls/accepted':>15}")
-    for label, a, b in rows:
-        orig, calls = originate_ms(b, started)
-        print(f"{label:18} {a.rate:13.0f} {b.rate:14.0f} {b.rate / a.rate:6.0%} "
-              f"{pct(a.reply_ms(), 50):10.1f}/{pct(a.reply_ms(), 99):<10.1f} "
-              f"{pct(b.reply_ms(), 50):11.1f}/{pct(b.reply_ms(), 99):<10.1f} "
-              f"{pct(orig, 50):13.1f}/{pct(orig, 99):<13.1f} {calls:>7}/{len(b.accepted):<7}")
-    orig, calls = originate_ms(half, started)
-    print(f"{half.label:18} {'':13} {half.rate:14.0f} {'':6} {'':21} "
-          f"{pct(half.reply_ms(), 50):11.1f}/{pct(half.reply_ms(), 99):<10.1f} "
-          f"{pct(orig, 50):13.1f}/{pct(orig, 99):<13.1f} {calls:>7}/{len(half.accepted):<7}")
-    refused = sum(len(r.samples) - len(r.accepted) for _, _, r in rows) + len(half.samples) - len(half.accepted)
-    print(f"refused by mailgw: {refused}")
+    print_table(figures)
+    lost = sum(f["accepted"] - f["calls"] for f in figures)
+    refused = sum(f["sent"] - f["accepted"] for f in figures)
+    print(f"accepted mails without exactly one call (lost): {lost}; refused by mailgw: {refused}")
+    if args.profile:
+        summary = profile_summary(args.profile / "mailgw.folded")
+        (args.profile / "mailgw-top.txt").write_text(summary)
+        print(f"profile: {args.profile / 'mailgw.folded'} (collapsed stacks), {args.profile / 'mailgw-top.txt'}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine.describe(), "runs": figures, "lost": lost,
+                                         "refused": refused}, indent=2))
+    return 1 if lost or refused else 0
+
+
+def profile_summary(folded: Path, top: int = 40) -> str:
+    """The functions mailgw spent its samples in: own time and time including what they call."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(" (", 1)[0] + " " + f.rsplit("/", 1)[-1].split(":", 1)[0].rstrip(")")
+                  for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    lines = [f"{total} samples"]
+    for title, table in (("own time", own), ("including callees", inclusive)):
+        lines.append(f"\n--- {title} ---")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"{100 * n / total:5.1f}%  {frame}")
+    return "\n".join(lines) + "\n"
 
 
 async def wait_for_port(port: int, timeout: float = 30) -> None:
@@ -382,5 +555,7 @@ async def wait_for_port(port: int, timeout: float = 30) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--serve-floor":
         serve_floor(int(sys.argv[2]), Path(sys.argv[3]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--serve-simulator":
+        serve_simulator(int(sys.argv[2]))
     else:
-        asyncio.run(main())
+        sys.exit(asyncio.run(main()))
