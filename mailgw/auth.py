@@ -13,6 +13,10 @@ Mail that claims a domain listed in ``security.dkim`` (a peer office, a partner)
 DKIM signature by that domain, checked with the configured key; such a signature also authorises
 the mail the way SMTP AUTH does. Forged mail from those domains is refused wherever it comes from.
 
+A peer gateway (destinations.yaml, ``accept.login``/``accept.secret``) may log in too: its
+session is then trusted as that peer, and the requests it relays are authorised as from their
+original senders, provided they are of the peer's domain (``Trust.PEER``).
+
 Passwords are never stored: the directory holds ``scrypt$<n>$<r>$<p>$<salt>$<hash>`` made by
 ``mailgw passwd``.
 """
@@ -27,13 +31,16 @@ import logging
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dkim
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from .config import DkimKey
 from .directory import Directory, normalise_address
+
+if TYPE_CHECKING:
+    from .destinations import Destinations
 
 log = logging.getLogger("mailgw.auth")
 
@@ -65,6 +72,7 @@ def verify_secret(password: str, stored: str) -> bool:
 class Trust(StrEnum):
     AUTHENTICATED = "authenticated"      # SMTP AUTH as a person in the directory
     TRUSTED_NETWORK = "trusted-network"  # the client's address is in security.trusted_networks
+    PEER = "peer"                        # SMTP AUTH as a peer gateway (destinations.yaml); login is its domain
     NONE = "none"
 
 
@@ -74,7 +82,14 @@ class Sender:
 
     trust: Trust
     peer: str                    # client IP address, for the audit log
-    login: str | None = None     # the authenticated address, when trust is AUTHENTICATED
+    login: str | None = None     # the authenticated address (AUTHENTICATED) or peer domain (PEER)
+
+
+@dataclass(frozen=True)
+class PeerLogin:
+    """A session's auth_data when a peer gateway logged in."""
+
+    domain: str
 
 
 def is_trusted_network(peer: str, networks: tuple[str, ...]) -> bool:
@@ -90,6 +105,8 @@ def session_sender(session: Any, networks: tuple[str, ...]) -> Sender:
     peer = str(session.peer[0]) if session.peer else ""
     if session.authenticated and isinstance(session.auth_data, str):
         return Sender(Trust.AUTHENTICATED, peer, session.auth_data)
+    if session.authenticated and isinstance(session.auth_data, PeerLogin):
+        return Sender(Trust.PEER, peer, session.auth_data.domain)
     if is_trusted_network(peer, networks):
         return Sender(Trust.TRUSTED_NETWORK, peer)
     return Sender(Trust.NONE, peer)
@@ -102,8 +119,9 @@ class DirectoryAuthenticator:
     compares with the From of every request sent in that session.
     """
 
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, destinations: Destinations | None = None) -> None:
         self.directory = directory
+        self.destinations = destinations
 
     def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
@@ -111,6 +129,11 @@ class DirectoryAuthenticator:
         login = auth_data.login.decode("utf-8", "replace")
         person = self.directory.by_address(login)
         password = auth_data.password.decode("utf-8", "replace")
+        peer = self.destinations.peer_by_login(login) if self.destinations is not None else None
+        if person is None and peer is not None and verify_secret(password, peer.accept.secret or ""):
+            log.info("AUTH %s as peer gateway %s from %s", mechanism, peer.domain,
+                     session.peer[0] if session.peer else "?")
+            return AuthResult(success=True, auth_data=PeerLogin(peer.domain))
         if person is None or person.secret is None or not verify_secret(password, person.secret):
             log.warning("AUTH %s failed for %r from %s", mechanism, login, session.peer[0] if session.peer else "?")
             return AuthResult(success=False, handled=False)

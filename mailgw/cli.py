@@ -29,6 +29,7 @@ from .config import ConfigError, load_config, readable_secrets_warning
 from .directory import DirectoryError
 from .campon_cli import register as register_campons
 from .pbx.phone_cli import register as register_phone
+from .queue_cli import register as register_queue
 from .scenario_cli import register as register_scenario
 
 EX_TEMPFAIL = 75
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     register_campons(sub)
     register_phone(sub)
     register_scenario(sub)
+    register_queue(sub)
     return parser
 
 

@@ -50,6 +50,17 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    """Relaying to peer gateways (mailgw/relay.py, docs/federation.md)."""
+
+    mx: bool = False                 # domains not in the destination DB: look up their MX (else 550 5.7.1)
+    retry_interval: float = 300.0    # first retry of a relayed mail (Postfix-like), doubling ...
+    max_retry_interval: float = 3600.0  # ... up to this; never past the request's monitor time
+    give_up_after: float = 15 * 60.0  # for relayed mail without a request (and its monitor time)
+    max_hops: int = 25               # more Received headers than this: a loop, 554 5.4.6
+
+
+@dataclass(frozen=True)
 class AmiConfig:
     host: str = "127.0.0.1"
     port: int = 5038
@@ -176,6 +187,7 @@ class Config:
     outbound: OutboundConfig = OutboundConfig()
     directory: Path = field(default_factory=lambda: shipped("config", "directory.yaml"))
     destinations: Path | None = None
+    relay: RelayConfig = RelayConfig()
     mailbox_root: Path = Path("mailbox")
     # A group that may read and flag the Maildirs (an IMAP server such as Dovecot serving them):
     # delivered files become 0660 and folders 2770 with this group. None: private (0600/0700).
@@ -251,7 +263,7 @@ def _mailbox_group(value: object) -> str | None:
 _TOP_KEYS = {
     "domains", "data_dir", "smtp", "outbound", "directory", "destinations", "mailbox",
     "templates", "pbx", "policy", "security", "requests", "numbering", "language", "gateway_address",
-    "campon", "media", "scenarios",
+    "campon", "media", "scenarios", "relay",
 }
 
 
@@ -348,6 +360,8 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         media=_media(_section(raw, "media", {"spool", "max_voice_seconds", "max_fax_pages", "max_part_bytes"}),
                      d.media, base),
         scenarios=_scenarios(_section(raw, "scenarios", {"dir", "reload_interval", "confirm_prompt"}), d.scenarios, base),
+        relay=_relay(_section(raw, "relay", {"mx", "retry_interval", "max_retry_interval", "give_up_after",
+                                             "max_hops"}), d.relay),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
     )
@@ -403,6 +417,13 @@ def _media(raw: dict[str, Any], d: MediaConfig, base: Path) -> MediaConfig:
         max_voice_seconds=_duration(raw.get("max_voice_seconds"), d.max_voice_seconds, "media.max_voice_seconds"),
         max_fax_pages=pages, max_part_bytes=size,
     )
+def _relay(raw: dict[str, Any], d: RelayConfig) -> RelayConfig:
+    def duration(key: str) -> float:
+        return _duration(raw.get(key), getattr(d, key), f"relay.{key}")
+
+    return RelayConfig(mx=_bool(raw, "mx", d.mx, "relay."), retry_interval=duration("retry_interval"),
+                       max_retry_interval=duration("max_retry_interval"), give_up_after=duration("give_up_after"),
+                       max_hops=_int(raw, "max_hops", d.max_hops, "relay."))
 
 
 def _no_unknown(section: dict[str, Any], known: set[str], prefix: str) -> None:

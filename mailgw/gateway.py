@@ -16,6 +16,7 @@ from dataclasses import replace
 from .campon import Campons
 from .config import Config
 from .directory import Directory, load_directory
+from .destinations import Destinations, load_destinations
 from .dispatch import Dispatcher
 from .ingress import IngressHandler, start_smtp
 from .media import spool_dir
@@ -23,6 +24,7 @@ from .notify import Notifier
 from .outbound import Outbox
 from .pbx.driver import AmiPbx
 from .pbx.simulator import AmiSimulator
+from .relay import Relay
 from .resources import shipped
 from .scenario_library import ScenarioLibrary
 from .spool import Spool
@@ -39,7 +41,8 @@ class Gateway:
         self.spool = Spool(config.data_dir / "spool")
         self.simulator: AmiSimulator | None = None
         self.pbx: AmiPbx | None = None
-        self.outbox = Outbox(config, self.directory, self.store, config.data_dir / "outbox")
+        self.destinations: Destinations = load_destinations(config.destinations)
+        self.outbox = Outbox(config, self.directory, self.store, config.data_dir / "outbox", self.destinations)
         self.dispatcher: Dispatcher | None = None
         self.campons: Campons | None = None
         self.scenarios = ScenarioLibrary(config.scenarios.dir, interval=config.scenarios.reload_interval)
@@ -78,6 +81,7 @@ class Gateway:
         handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)
         handler.campons = self.campons
         handler.scenarios = self.scenarios
+        handler.relay = Relay(self.config, self.directory, self.destinations, self.outbox.root)
         self._server = await start_smtp(handler, self.config)
         log.info("mailgw listening for SMTP on %s:%d for %s; PBX %s at %s:%d", self.config.smtp.listen.host,
                  self.smtp_port, ", ".join(self.config.domains),

@@ -17,13 +17,15 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .config import Config
 from .directory import Directory, normalise_address
-from .auth import DirectoryAuthenticator, Sender, dkim_signer, session_sender
+from .auth import DirectoryAuthenticator, Sender, Trust, dkim_signer, session_sender
+from .destinations import Destinations, localise
 from .policy import Verdict, authorise, check_number_rate, check_rate, sender_limit
 from .dispatch import check_supported
 from .media import MediaError, MediaLimits, check_message
 from .request import ExchangeRequest, PartKind, describe, parse_request
 from .inquiry import answer_token, parse_answer
 from .mdn import token_of
+from .relay import Relay, RelayCopy, caller_number
 from .routing import route_recipient
 from .scenario_library import ScenarioLibrary, scenario_for
 from .spool import Spool, new_id
@@ -33,6 +35,9 @@ from .tls import server_context
 
 log = logging.getLogger("mailgw.ingress")
 audit_log = logging.getLogger("mailgw.audit")
+
+# Clients that may have mail relayed to other offices; a peer gateway delivers to us only.
+RELAY_TRUST = (Trust.AUTHENTICATED, Trust.TRUSTED_NETWORK)
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "temporary failure storing the message; please try again later")
 
@@ -51,6 +56,7 @@ class IngressHandler:
 
     campons: Any = None  # camp-on hook (mailgw.campon.Campons), set by the gateway
     scenarios: ScenarioLibrary | None = None  # stored scenarios, set by the gateway
+    relay: Relay | None = None  # relaying to other offices (mailgw.relay), set by the gateway
 
     def __init__(self, config: Config, directory: Directory, store: Store, spool: Spool,
                  on_accepted: Callable[[list[str]], None]) -> None:
@@ -63,7 +69,10 @@ class IngressHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         try:
-            route = route_recipient(address, self.config, self.directory)
+            relay = self.relay
+            may_relay = session_sender(session, self.config.security.trusted_networks).trust in RELAY_TRUST
+            route = route_recipient(address, self.config, self.directory,
+                                    relay.destinations if relay else Destinations(), may_relay=may_relay)
         except Refused as refusal:
             log.info("refused RCPT %s from %s: %s", address, session.peer[0] if session.peer else "?", refusal)
             return ascii_reply(refusal.reply)
@@ -74,10 +83,22 @@ class IngressHandler:
         raw: bytes = envelope.original_content or b""
         mail_from = envelope.mail_from or ""
         sender = session_sender(session, self.config.security.trusted_networks)
+        relayed: list[RelayCopy] = []
         try:
+            if self.relay is not None:
+                self.relay.check_hops(raw)
             requests = []
             for rcpt in envelope.rcpt_tos:
-                request = self._parse(raw, mail_from, rcpt)
+                if self.relay is not None and self.relay.is_relayed(rcpt):
+                    relayed.append(self.relay.for_recipient(raw, mail_from=mail_from, rcpt=rcpt, sender=sender,
+                                                            now=utcnow()))
+                    continue
+                request = self._parse(raw, mail_from, rcpt, sender)
+                copy = self._by_number(raw, request, rcpt, sender)
+                if copy is not None:
+                    await self._authorise(request, sender, rcpt, raw)  # may this sender ask at all?
+                    relayed.append(copy)
+                    continue
                 if request is None and self.directory.by_address(rcpt) is None and not self._one_off(rcpt):
                     # A service mailbox has no reader: mail that is not a request cannot go there.
                     raise Refused(550, "5.6.0", f"{rcpt} takes requests only, and this mail is none "
@@ -95,18 +116,26 @@ class IngressHandler:
             return ascii_reply(refusal.reply)
 
         queue_id = new_id()
-        entries = [self._entry(queue_id, index, len(requests), mail_from, rcpt, request, raw)
+        count = len(requests) + len(relayed)
+        entries = [self._entry(queue_id, index, count, mail_from, rcpt, request, raw)
                    for index, (rcpt, request) in enumerate(requests, start=1)]
         try:
-            path = await asyncio.to_thread(self.spool.store, queue_id, raw)
-            entries = [replace(e, spool_path=path) for e in entries]
-            await self.store.add_messages(entries)
+            relay_rows = await self.relay.write(raw, relayed, queue_id=queue_id, first=len(requests) + 1,
+                                                count=count, mail_from=mail_from, session=session) \
+                if relayed and self.relay is not None else []
+            if entries:
+                path = await asyncio.to_thread(self.spool.store, queue_id, raw)
+                entries = [replace(e, spool_path=path) for e in entries]
+            await self.store.add_messages(entries, relayed=relay_rows)
         except Exception:  # disk full, database locked, ...: the sender's MTA will try again
             log.exception("could not store message %s", queue_id)
             return ascii_reply(TEMPORARY_FAILURE)
 
         for entry, (_, request) in zip(entries, requests):
             log_received(entry, request)
+        for row, domain, _ in relay_rows:
+            log.info("mail %s from %s for %s (%d bytes): relayed to %s", row.id, mail_from or "<>", row.rcpt_to,
+                     len(raw), domain)
         self.on_accepted([e.id for e in entries])
         return f"250 2.0.0 queued as {queue_id}"
 
@@ -120,7 +149,13 @@ class IngressHandler:
         gateway = self.config.sender_address
         return token_of(rcpt, gateway) is not None or answer_token(rcpt, gateway) is not None
 
-    def _parse(self, raw: bytes, mail_from: str, rcpt: str) -> ExchangeRequest | None:
+    def _by_number(self, raw: bytes, request: ExchangeRequest | None, rcpt: str, sender: Sender) -> RelayCopy | None:
+        """A request for a number another office serves (CTIDB): the copy to relay there."""
+        if request is None or self.relay is None:
+            return None
+        return self.relay.for_number(raw, request, rcpt=rcpt, sender=sender, now=utcnow())
+
+    def _parse(self, raw: bytes, mail_from: str, rcpt: str, sender: Sender) -> ExchangeRequest | None:
         if token_of(rcpt, self.config.sender_address) is not None:
             return None  # a read receipt: stored as it is, the dispatcher reads it (mailgw/mdn.py)
         if answer_token(rcpt, self.config.sender_address) is not None:
@@ -128,7 +163,14 @@ class IngressHandler:
             return None  # stored as it is; the dispatcher records the answer
         if self.campons is not None and rcpt == self.campons.reply_address:  # camp-on: a reply may cancel
             return self.campons.parse_reply(raw, mail_from, rcpt)
-        request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config)
+        relay = self.relay
+        request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config,
+                                caller_number=caller_number(raw) if sender.trust is Trust.PEER else None)
+        if request is not None and relay is not None:
+            relay.check_peer_request(request, sender)
+            request = localise(request, relay.destinations.own_numbers, self.config.policy)
+            if relay.for_number(raw, request, rcpt=rcpt, sender=sender, now=utcnow()) is not None:
+                return request  # another office's number: that office checks and runs it
         if request is not None:
             if self.scenarios is not None:  # an unknown, invalid or hostile scenario is refused here
                 scenario_for(request, self.scenarios, self.config)
@@ -250,7 +292,7 @@ async def start_smtp(handler: IngressHandler, config: Config) -> asyncio.base_ev
     loop = asyncio.get_running_loop()
 
     tls_context = server_context(config)
-    authenticator = DirectoryAuthenticator(handler.directory)
+    authenticator = DirectoryAuthenticator(handler.directory, handler.relay.destinations if handler.relay else None)
 
     def factory() -> SMTP:
         # AUTH is offered only after STARTTLS (aiosmtpd's auth_require_tls): no password in clear.

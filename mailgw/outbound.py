@@ -1,10 +1,13 @@
 """Outbound mail: a durable outbox and the one worker that empties it.
 
-Every mail mailgw sends (result and failure notices, later relayed requests) is first written to
+Every mail mailgw sends (result and failure notices, relayed requests) is first written to
 ``<data>/outbox`` and recorded, then delivered: into the local Maildir when the recipient is a
-person of a local domain, otherwise through ``outbound.smarthost`` (aiosmtplib). Temporary failures
-are retried with doubling back-off up to ``outbound.max_retry_interval``; after
-``outbound.give_up_after`` (or at once for a permanent 5xx refusal) the entry fails and is logged.
+person of a local domain; to the peer gateway when the destination DB names the domain (STARTTLS
+or TLS, SMTP AUTH); otherwise through ``outbound.smarthost``, or the domain's MX when
+``relay.mx`` is on (aiosmtplib). Temporary failures are retried with doubling back-off up to
+``outbound.max_retry_interval``; after ``outbound.give_up_after`` (or at once for a permanent 5xx
+refusal) the entry fails and is logged. Relayed mail (``relay.py``) has its own deadline and
+back-off (``relay.*``), and its sender gets a delivery status notification when it fails.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import aiosmtplib
 
 from . import mailbox
 from .config import Config
+from .destinations import Destination, Destinations, TlsMode
 from .directory import Directory, normalise_address
+from .relay import delivery_status_notification, enhanced_status, tls_context
+from .routing import mx_destination, resolve_mx
 from .spool import new_id, write_durably
 from .store import OutboxEntry, OutboxRow, Store, utcnow
 
 log = logging.getLogger("mailgw.outbound")
+
+POLL_INTERVAL = 2.0  # seconds between looks at the table when nothing is due sooner
 
 
 class PermanentFailure(Exception):
@@ -31,23 +39,29 @@ class PermanentFailure(Exception):
 
 
 class Outbox:
-    def __init__(self, config: Config, directory: Directory, store: Store, root: Path) -> None:
+    def __init__(self, config: Config, directory: Directory, store: Store, root: Path,
+                 destinations: Destinations = Destinations()) -> None:
         self.config = config
         self.directory = directory
+        self.destinations = destinations
         self.store = store
         self.root = Path(root)
         self._wake = asyncio.Event()
         self._stopping = False
 
-    async def prepare(self, message: Message, *, rcpt_to: str, request_id: str | None) -> OutboxEntry:
-        """Write ``message`` durably and describe it; the caller records it (maybe with other rows)."""
+    async def prepare(self, message: Message, *, rcpt_to: str, request_id: str | None,
+                      mail_from: str | None = None) -> OutboxEntry:
+        """Write ``message`` durably and describe it; the caller records it (maybe with other rows).
+        ``mail_from`` is the envelope sender (default: the gateway's address; "" for a bounce)."""
         outbox_id = new_id()
         raw = message.as_bytes()
         path = await asyncio.to_thread(write_durably, self.root / f"{outbox_id}.eml", raw)
-        return OutboxEntry(outbox_id, request_id, self.config.sender_address, rcpt_to, path)
+        return OutboxEntry(outbox_id, request_id, self.config.sender_address if mail_from is None else mail_from,
+                           rcpt_to, path)
 
-    async def send(self, message: Message, *, rcpt_to: str, request_id: str | None) -> None:
-        entry = await self.prepare(message, rcpt_to=rcpt_to, request_id=request_id)
+    async def send(self, message: Message, *, rcpt_to: str, request_id: str | None,
+                   mail_from: str | None = None) -> None:
+        entry = await self.prepare(message, rcpt_to=rcpt_to, request_id=request_id, mail_from=mail_from)
         await self.store.add_outbox(entry)
         self.wake()
 
@@ -71,7 +85,9 @@ class Outbox:
                 await self._attempt(row)
             if due:
                 continue  # attempts may have rescheduled rows; look again before sleeping
-            timeout = None if next_try is None else max(0.0, (next_try - utcnow()).total_seconds())
+            # Also look again every poll_interval: `mailgw queue retry` changes the table from outside.
+            timeout = POLL_INTERVAL if next_try is None else \
+                min(POLL_INTERVAL, max(0.0, (next_try - utcnow()).total_seconds()))
             try:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
@@ -84,21 +100,41 @@ class Outbox:
         except PermanentFailure as exc:
             log.error("mail %s to %s failed for good: %s", row.id, row.rcpt_to, exc)
             await self.store.outbox_retry(row, str(exc), None)
+            await self._bounce(row, str(exc), enhanced_status(str(exc), "5.0.0"))
         except Exception as exc:  # connection refused, 4xx, timeouts: try again later
             next_try = self._next_try(row, utcnow())
             log.warning("mail %s to %s not delivered (%s); %s", row.id, row.rcpt_to, exc,
                         f"next try at {next_try:%H:%M:%S}" if next_try else "giving up")
             await self.store.outbox_retry(row, str(exc), next_try)
+            if next_try is None:
+                await self._bounce(row, f"{exc} (gave up: the request's time ran out)", "4.4.7")
         else:
             log.info("mail %s delivered to %s%s", row.id, row.rcpt_to,
                      f" (request {row.request_id})" if row.request_id else "")
             await self.store.outbox_sent(row)
 
     def _next_try(self, row: OutboxRow, now: datetime) -> datetime | None:
-        if (now - row.created_at).total_seconds() >= self.config.outbound.give_up_after:
-            return None
-        delay = min(self.config.outbound.retry_interval * 2 ** row.attempts, self.config.outbound.max_retry_interval)
-        return now + timedelta(seconds=delay)
+        if row.deadline is not None:  # relayed mail: the request's own monitor time bounds it
+            relay = self.config.relay
+            return next_retry(now, row.attempts, relay.retry_interval, relay.max_retry_interval, row.deadline)
+        outbound = self.config.outbound
+        return next_retry(now, row.attempts, outbound.retry_interval, outbound.max_retry_interval,
+                          row.created_at + timedelta(seconds=outbound.give_up_after))
+
+    async def _bounce(self, row: OutboxRow, reason: str, status: str) -> None:
+        """Relayed mail that failed: tell its sender with an RFC 3464 DSN, sent from the null
+        sender <> (RFC 5321 4.5.5) so a bounce is never bounced."""
+        if row.deadline is None or not row.mail_from:
+            return
+        try:
+            original = await asyncio.to_thread(row.path.read_bytes)
+            dsn = delivery_status_notification(self.config, row, original, status=status, reason=reason,
+                                               now=utcnow())
+            await self.send(dsn, rcpt_to=row.mail_from, request_id=row.request_id, mail_from="")
+        except Exception:  # the worker must go on with the other mail; the row says what failed
+            log.exception("could not queue the bounce of mail %s to %s", row.id, row.mail_from)
+            return
+        log.info("mail %s to %s bounced to %s (%s)", row.id, row.rcpt_to, row.mail_from, status)
 
     async def _deliver(self, row: OutboxRow) -> None:
         raw = await asyncio.to_thread(row.path.read_bytes)
@@ -112,18 +148,67 @@ class Outbox:
             await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, address, raw,
                                     group=self.config.mailbox_group)
             return
-        smarthost = self.config.outbound.smarthost
-        if smarthost is None:
-            raise PermanentFailure(f"no route to {domain}: set outbound.smarthost")
+        destination = await self._destination(domain)
         try:
-            await aiosmtplib.send(raw, sender=row.mail_from, recipients=[address], hostname=smarthost.host,
-                                  port=smarthost.port, timeout=30, start_tls=False, use_tls=False)
+            await send_smtp(raw, mail_from=row.mail_from, rcpt=address, destination=destination)
+        except aiosmtplib.SMTPAuthenticationError:
+            raise  # our credentials at the peer: retried, so fixing destinations.yaml is enough
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             if codes and min(codes) >= 500:
-                raise PermanentFailure(f"{smarthost} refused {address}: {exc.recipients[0].message}") from exc
+                raise PermanentFailure(f"{destination.host} refused {address}: {exc.recipients[0].code} "
+                                       f"{exc.recipients[0].message}") from exc
             raise
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code >= 500:
-                raise PermanentFailure(f"{smarthost} refused it: {exc.code} {exc.message}") from exc
+                raise PermanentFailure(f"{destination.host} refused it: {exc.code} {exc.message}") from exc
             raise
+
+    async def _destination(self, domain: str) -> Destination:
+        """Where mail for a foreign domain goes: its peer gateway, the smarthost, or its MX."""
+        peer = self.destinations.peer(domain)
+        if peer is not None:
+            return peer
+        smarthost = self.config.outbound.smarthost
+        if smarthost is not None:
+            return Destination(domain, smarthost, TlsMode.NONE)
+        if not self.config.relay.mx:
+            raise PermanentFailure(f"no route to {domain}: not in the destination DB, no outbound.smarthost, "
+                                   "relay.mx off (5.4.4)")
+        try:
+            answer = await resolve_mx(domain)
+        except Exception as exc:  # NXDOMAIN is for good; timeouts and SERVFAIL are retried
+            if type(exc).__name__ == "NXDOMAIN":
+                raise PermanentFailure(f"{domain} does not exist in DNS (5.1.2)") from exc
+            raise
+        mx = mx_destination(domain, answer)
+        if mx is None:
+            raise PermanentFailure(f"{domain} accepts no mail (null MX, 5.1.10)")
+        return mx
+
+
+def next_retry(now: datetime, attempts: int, first: float, longest: float, deadline: datetime) -> datetime | None:
+    """Doubling back-off from ``first`` up to ``longest``; None once ``deadline`` has passed. The last
+    try is moved up to the deadline rather than skipped past it."""
+    if now >= deadline:
+        return None
+    delay = min(first * 2 ** attempts, longest)
+    return min(now + timedelta(seconds=delay), deadline)
+
+
+async def send_smtp(raw: bytes, *, mail_from: str, rcpt: str, destination: Destination) -> None:
+    """One SMTP transaction to ``destination`` with its TLS mode and AUTH credentials."""
+    host = destination.host
+    context = tls_context(destination) if destination.tls is not TlsMode.NONE else None
+    client = aiosmtplib.SMTP(hostname=host.host, port=host.port, timeout=30, start_tls=False,
+                             use_tls=destination.tls is TlsMode.TLS, tls_context=context)
+    await client.connect()
+    try:
+        if destination.tls is TlsMode.STARTTLS:
+            await client.starttls(server_hostname=destination.server_name or destination.domain, tls_context=context)
+        if destination.login:
+            await client.login(destination.login, destination.password or "")
+        await client.sendmail(mail_from, [rcpt], raw)
+        await client.quit()
+    finally:
+        client.close()

@@ -154,6 +154,11 @@ def authorise(request: ExchangeRequest, sender: Sender, *, to_person: bool, grou
             raise Refused(550, "5.7.1", f"mail from {domain} must carry a valid DKIM signature by {domain} "
                                         "(security.dkim)")
         sender = Sender(Trust.AUTHENTICATED, sender.peer, request.sender)
+    if sender.trust == Trust.PEER:
+        if domain != (sender.login or ""):
+            raise Refused(550, "5.7.1", f"peer gateway {sender.login} may only relay requests from its own "
+                                        f"domain, not from {domain}")
+        sender = Sender(Trust.AUTHENTICATED, sender.peer, request.sender)  # as from the original sender
     if sender.trust == Trust.NONE:
         if to_person:
             return Verdict.DELIVER_ONLY

@@ -299,6 +299,7 @@ class _Context:
     config: Config
     directory: Directory
     now: datetime
+    caller_number: str | None = None  # from an authenticated peer gateway: the sender's number
 
 
 def _word(value: str) -> str:
@@ -871,14 +872,16 @@ def _with_directory(merged: dict[str, _Given], envelope: _Envelope) -> dict[str,
 # --- the whole request ---------------------------------------------------------------------------
 
 def parse_request(raw: bytes, *, mail_from: str, rcpt_to: str, directory: Directory, config: Config,
-                  now: datetime | None = None) -> ExchangeRequest | None:
+                  now: datetime | None = None, caller_number: str | None = None) -> ExchangeRequest | None:
     """The exchange request a mail makes of the gateway for one local recipient.
 
     ``rcpt_to`` is the one local recipient this request is for (the gateway calls this once per
-    recipient); ``now`` is for tests (default: the current time). Returns None for ordinary mail;
+    recipient); ``now`` is for tests (default: the current time); ``caller_number`` is the sender's
+    number as a peer gateway vouches for it (the default ``from`` of a relayed request, like the
+    directory's extension for a local sender). Returns None for ordinary mail;
     raises ``Refused`` — and only ``Refused`` — for anything that cannot be understood or allowed.
     """
-    ctx = _Context(config, directory, now or datetime.now(timezone.utc))
+    ctx = _Context(config, directory, now or datetime.now(timezone.utc), caller_number)
     try:
         return _parse(bytes(raw), mail_from or "", rcpt_to or "", ctx)
     except Refused:
@@ -916,6 +919,8 @@ def _parse(raw: bytes, mail_from: str, rcpt_to: str, ctx: _Context) -> ExchangeR
         raise Refused(550, "5.6.0", "no request fields found: start the mail with lines such as 'to: 2001', "
                                     "or use X-CTI-* headers (see the request format guide)")
     fields = _with_directory(_merge(givens), envelope)
+    if ctx.caller_number is not None and "from" not in fields:
+        fields["from"] = _Given("from", ctx.caller_number, ctx.caller_number, "the peer gateway", Source.DIRECTORY)
     return _build(fields, envelope, message, structure, ctx)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -155,6 +156,7 @@ class OutboxRow:
     attempts: int
     next_try: datetime
     last_error: str | None
+    deadline: datetime | None = None  # relayed mail (RELAY_SCHEMA): give up and bounce after this
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,7 @@ class Store:
         db.executescript(SCHEMA)
         db.executescript(CAMPON_SCHEMA)
         db.executescript(SCENARIO_SCHEMA)
+        db.executescript(RELAY_SCHEMA)
         self._db = db
 
     async def close(self) -> None:
@@ -280,10 +283,12 @@ class Store:
 
     # --- messages -------------------------------------------------------------------------------
 
-    async def add_messages(self, messages: list[NewMessage]) -> None:
-        """Record accepted messages durably (with their 'received' stage), all or nothing."""
+    async def add_messages(self, messages: list[NewMessage],
+                           relayed: Iterable[tuple[OutboxEntry, str, datetime]] = ()) -> None:
+        """Record accepted messages durably (with their 'received' stage), and the copies relayed
+        to other offices (outbox entry, peer domain, deadline), all or nothing."""
         now = _ts(utcnow())
-        statements: list[tuple[str, tuple[Any, ...]]] = []
+        statements: list[tuple[str, tuple[Any, ...]]] = _relay_inserts(relayed)
         for m in messages:
             statements.append((
                 "INSERT INTO messages (id, received_at, mail_from, rcpt_to, spool_path, size, kind, state,"
@@ -426,7 +431,7 @@ class Store:
     async def due_outbox(self, now: datetime, limit: int = 200) -> tuple[list[OutboxRow], datetime | None]:
         """Queued mail due by ``now`` (at most ``limit``), and when the next one after them is due."""
         rows = [_outbox(r) for r in await self._run(
-            self._query, "SELECT * FROM outbox WHERE state = 'queued' ORDER BY next_try, id LIMIT ?", (limit + 1,))]
+            self._query, f"{OUTBOX_SELECT} WHERE state = 'queued' ORDER BY next_try, id LIMIT ?", (limit + 1,))]
         due = [r for r in rows[:limit] if r.next_try <= now]
         rest = rows[len(due):]
         return due, rest[0].next_try if rest else None
@@ -436,7 +441,8 @@ class Store:
                                    " WHERE id = ?", (row.id,))]
         if row.request_id:
             statements.append(("INSERT INTO stages VALUES (?,?,?,?)",
-                               (row.request_id, _ts(utcnow()), "notified", f"to {row.rcpt_to}")))
+                               (row.request_id, _ts(utcnow()), "relayed" if row.deadline else "notified",
+                                f"to {row.rcpt_to}")))
         await self._commit(statements)
 
     async def outbox_retry(self, row: OutboxRow, error: str, next_try: datetime | None) -> None:
@@ -454,9 +460,34 @@ class Store:
         await self._commit(statements)
 
     async def outbox_for(self, request_id: str) -> list[OutboxRow]:
-        rows = await self._run(self._query, "SELECT * FROM outbox WHERE request_id = ? ORDER BY created_at, id",
+        rows = await self._run(self._query, f"{OUTBOX_SELECT} WHERE request_id = ? ORDER BY created_at, id",
                                (request_id,))
         return [_outbox(r) for r in rows]
+
+    # --- relay (mailgw/relay.py; RELAY_SCHEMA at the end of this module) ---------------------------
+
+    async def outbox_queue(self, *, include_done: bool = False, limit: int = 1000) -> list[tuple[OutboxRow, str | None]]:
+        """Outbound mail with its relay destination (None for notices): the latest ``limit``, oldest first."""
+        where = "" if include_done else "WHERE state = 'queued'"
+        rows = await self._run(self._query, f"{OUTBOX_SELECT} {where} ORDER BY created_at DESC, id DESC LIMIT ?",
+                               (limit,))
+        return [(_outbox(r), r["destination"]) for r in reversed(rows)]
+
+    async def outbox_retry_now(self, outbox_id: str) -> bool:
+        """Make a queued entry due at once (``mailgw queue retry``)."""
+        rows = await self._run(self._query, "SELECT id FROM outbox WHERE id = ? AND state = 'queued'", (outbox_id,))
+        if not rows:
+            return False
+        await self._commit([("UPDATE outbox SET next_try = ? WHERE id = ?", (_ts(utcnow()), outbox_id))])
+        return True
+
+    async def outbox_drop(self, outbox_id: str, reason: str) -> bool:
+        """Take a queued entry out of the queue for good (``mailgw queue drop``)."""
+        rows = await self._run(self._query, "SELECT id FROM outbox WHERE id = ? AND state = 'queued'", (outbox_id,))
+        if not rows:
+            return False
+        await self._commit([("UPDATE outbox SET state = 'dropped', last_error = ? WHERE id = ?", (reason, outbox_id))])
+        return True
 
     # --- camp-on (mailgw/campon.py; tables in CAMPON_SCHEMA at the end of this module) -------------
 
@@ -706,6 +737,7 @@ def _outbox(r: sqlite3.Row) -> OutboxRow:
         id=r["id"], created_at=_dt(r["created_at"]), request_id=r["request_id"], mail_from=r["mail_from"],  # type: ignore[arg-type]
         rcpt_to=r["rcpt_to"], path=Path(r["path"]), state=r["state"], attempts=r["attempts"],
         next_try=_dt(r["next_try"]), last_error=r["last_error"],  # type: ignore[arg-type]
+        deadline=_dt(r["deadline"]) if "deadline" in r.keys() else None,
     )
 
 
@@ -848,3 +880,27 @@ def _step(r: sqlite3.Row) -> StepRow:
                    attempts=r["attempts"], outcome=r["outcome"], ok=bool(r["ok"]), detail=r["detail"],
                    token=r["token"], asked=r["asked"], answer=r["answer"], answered_by=r["answered_by"],
                    started_at=_dt(r["started_at"]), ended_at=_dt(r["ended_at"]))  # type: ignore[arg-type]
+# --- relay (mailgw/relay.py) ------------------------------------------------------------------------
+# Relayed mail is an outbox row (the outbox worker delivers it) plus this row: where it goes and the
+# moment it is stale (the request's monitor time), after which it is bounced to its sender.
+
+RELAY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS relay (
+    id           TEXT PRIMARY KEY REFERENCES outbox(id),
+    destination  TEXT NOT NULL,          -- the peer domain (destination DB or MX)
+    deadline     TEXT NOT NULL           -- give up (and send a DSN) after this
+);
+"""
+
+
+
+def _relay_inserts(entries: Iterable[tuple[OutboxEntry, str, datetime]]) -> Statements:
+    statements: Statements = []
+    for entry, destination, deadline in entries:
+        statements += _outbox_insert(entry)
+        statements.append(("INSERT INTO relay (id, destination, deadline) VALUES (?,?,?)",
+                           (entry.id, destination, _ts(deadline))))
+    return statements
+
+
+OUTBOX_SELECT = "SELECT outbox.*, relay.destination, relay.deadline FROM outbox LEFT JOIN relay USING (id)"

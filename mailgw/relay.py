@@ -1,0 +1,244 @@
+"""Relaying to peer gateways: what is relayed, the hop header, loops, and the bounce.
+
+A mail for another office (a domain in the destination DB, or any domain by MX when
+``relay.mx`` is on) is written to the outbox with only headers prepended (``Received:``, and the
+caller's converted number), so its parts and any DKIM signature stay intact byte for byte, and
+recorded with its destination and its deadline (the request's monitor time) in the same
+transaction as the rest of the mail, before ingress answers 250. The outbox worker
+(``outbound.py``) delivers it to the peer with STARTTLS/TLS and SMTP AUTH, retrying with doubling
+back-off from ``relay.retry_interval`` up to ``relay.max_retry_interval``; past the deadline, or
+on a permanent refusal, the sender gets an RFC 3464 delivery status notification with the RFC
+3463 code.
+
+A request to the service mailbox naming only a number (``to: 044-890-1234``) is relayed to the
+service mailbox of the office whose gateway serves that number (``numbers`` in the destination
+DB, the CTIDB of seed 004).
+
+When the caller's extension has an external number (``own_numbers``), the relayed mail gets an
+``X-Mailgw-Caller-Number:`` header so the other office can call back the caller; the receiving
+gateway believes it only from an authenticated peer, and this gateway refuses to relay mail from
+a client that set it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import re
+import ssl
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import EmailMessage, Message
+from email.utils import format_datetime, getaddresses, make_msgid
+from pathlib import Path
+from typing import Any
+
+from .auth import Sender, Trust, same_person
+from .config import Config
+from .destinations import Destination, Destinations, domain_for_number, to_external
+from .directory import Directory, normalise_address
+from .request import ExchangeRequest, parse_request
+from .spool import write_durably
+from .status import Refused
+from .store import OutboxEntry, OutboxRow, utcnow
+
+CALLER_HEADER = "X-Mailgw-Caller-Number"
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+_CALLER = re.compile(rb"^x-mailgw-caller-number:[ \t]*([+0-9]{1,21})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+def header_section(raw: bytes) -> bytes:
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    return raw if end < 0 else raw[:end]
+
+
+def hop_count(raw: bytes) -> int:
+    """How many ``Received:`` headers the mail carries (RFC 5321 6.3 loop detection)."""
+    return len(_RECEIVED.findall(header_section(raw)))
+
+
+def check_hops(raw: bytes, max_hops: int) -> None:
+    hops = hop_count(raw)
+    if hops > max_hops:
+        raise Refused(554, "5.4.6", f"routing loop detected: the mail has passed {hops} mail servers "
+                                    f"(at most {max_hops}, relay.max_hops)")
+
+
+def caller_number(raw: bytes) -> str | None:
+    """The caller's number a peer gateway put on top of a relayed mail (its first such header)."""
+    found = _CALLER.search(header_section(raw))
+    return found.group(1).decode("ascii") if found else None
+
+
+def received_header(*, helo: str, peer: str, by: str, queue_id: str, rcpt: str, now: datetime) -> bytes:
+    """The trace line this gateway adds to a mail it relays (RFC 5321 4.4)."""
+    helo = re.sub(r"[^A-Za-z0-9.\-\[\]:]", "", helo or "")[:255] or "unknown"
+    return (f"Received: from {helo} ([{peer}])\r\n\tby {by} (mailgw) with ESMTP id {queue_id}\r\n"
+            f"\tfor <{rcpt}>; {format_datetime(now)}\r\n").encode("ascii", "replace")
+
+
+def tls_context(destination: Destination) -> ssl.SSLContext:
+    """Certificates are always verified: the system CAs, or the peer's own certificate (``ca``)."""
+    if destination.ca_file is not None and not destination.ca_file.exists():
+        raise FileNotFoundError(f"the certificate to trust for {destination.domain} is missing: {destination.ca_file}")
+    context = ssl.create_default_context(cafile=str(destination.ca_file) if destination.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@dataclass(frozen=True)
+class RelayCopy:
+    """One recipient's copy of a mail that goes to another office."""
+
+    rcpt: str          # the address it is relayed to (for a number: the peer's service mailbox)
+    domain: str        # the peer domain
+    deadline: datetime
+    extra: bytes = b""  # headers to prepend besides Received (the caller's converted number)
+
+
+class Relay:
+    """The relay decisions ingress asks for; the copies are stored with the mail (store.add_messages)."""
+
+    def __init__(self, config: Config, directory: Directory, destinations: Destinations, outbox_root: Path) -> None:
+        self.config = config
+        self.directory = directory
+        self.destinations = destinations
+        self.outbox_root = Path(outbox_root)
+
+    async def write(self, raw: bytes, copies: list[RelayCopy], *, queue_id: str, first: int, count: int,
+                    mail_from: str, session: Any) -> list[tuple[OutboxEntry, str, datetime]]:
+        """Write each copy durably (trace headers on top, the mail as received below); the caller
+        records the rows with the rest of the mail in one transaction."""
+        now = utcnow()
+        rows = []
+        for index, copy in enumerate(copies, start=first):
+            copy_id = queue_id if count == 1 else f"{queue_id}.{index}"
+            trace = received_header(helo=session.host_name or "", peer=str(session.peer[0]) if session.peer else "",
+                                    by=self.config.domains[0], queue_id=copy_id, rcpt=copy.rcpt, now=now)
+            path = await asyncio.to_thread(write_durably, self.outbox_root / f"{copy_id}.eml", trace + copy.extra + raw)
+            rows.append((OutboxEntry(copy_id, copy_id, mail_from, copy.rcpt, path), copy.domain, copy.deadline))
+        return rows
+
+    def is_relayed(self, rcpt: str) -> bool:
+        return not self.config.is_local_domain(rcpt.rpartition("@")[2])
+
+    def check_hops(self, raw: bytes) -> None:
+        check_hops(raw, self.config.relay.max_hops)
+
+    def for_recipient(self, raw: bytes, *, mail_from: str, rcpt: str, sender: Sender, now: datetime) -> RelayCopy:
+        """The copy of a mail addressed to someone at another office, or Refused."""
+        author = self._check_sender(raw, mail_from, sender)
+        person = self.directory.by_address(author) if author else None
+        return RelayCopy(rcpt, rcpt.rpartition("@")[2], self._deadline(raw, mail_from, rcpt, now),
+                         self._caller(person.extension if person else None))
+
+    def for_number(self, raw: bytes, request: ExchangeRequest, *, rcpt: str, sender: Sender,
+                   now: datetime) -> RelayCopy | None:
+        """A request to our service mailbox for a number another office serves (CTIDB): its copy
+        for that office's service mailbox; None when the number is ours to call."""
+        if request.to_number is None or rcpt.partition("@")[0] not in self.config.requests.service_mailboxes:
+            return None
+        domain = domain_for_number(request.to_number, self.destinations)
+        peer = self.destinations.peer(domain) if domain else None
+        if peer is None or self.config.is_local_domain(peer.domain):
+            return None
+        self._check_sender(raw, "", sender)
+        from_number = request.from_number if request.sources.get("from") == "directory" else None
+        return RelayCopy(f"{peer.service_mailbox}@{peer.domain}", peer.domain,
+                         now + timedelta(seconds=request.monitor), self._caller(from_number))
+
+    def check_peer_request(self, request: ExchangeRequest, sender: Sender) -> None:
+        """A request from a peer office's domain is executed only when that office's gateway
+        relayed it and logged in as itself (``accept`` in the destination DB)."""
+        domain = request.sender.rpartition("@")[2]
+        peer = self.destinations.peer(domain)
+        if peer is None or peer.accept.login is None:
+            return
+        if sender.trust is not Trust.PEER or sender.login != peer.domain:
+            raise Refused(550, "5.7.1", f"requests from {domain} are accepted only from its gateway, "
+                                        "authenticated (SMTP AUTH after STARTTLS, destinations.yaml accept)")
+
+    def _check_sender(self, raw: bytes, mail_from: str, sender: Sender) -> str | None:
+        """Who the mail is from; Refused when this client may not have it relayed."""
+        if sender.trust is Trust.NONE:  # RCPT refused it already; never relay for strangers
+            raise Refused(550, "5.7.1", "relaying denied: authenticate (SMTP AUTH after STARTTLS) first")
+        if sender.trust is not Trust.PEER and caller_number(raw) is not None:
+            raise Refused(550, "5.7.1", f"{CALLER_HEADER} is set by gateways, not by senders")
+        headers = _HEADERS.parsebytes(header_section(raw) + b"\r\n\r\n")
+        addresses = [a for _, a in getaddresses(headers.get_all("From") or []) if a]
+        author = normalise_address(addresses[0]) if addresses else normalise_address(mail_from) if mail_from else None
+        if sender.trust is Trust.AUTHENTICATED and not same_person(sender.login or "", author or ""):
+            raise Refused(550, "5.7.1", f"authenticated as {sender.login} but the mail is from {author or '<>'}: "
+                                        "relaying only your own mail")
+        return author
+
+    def _caller(self, extension: str | None) -> bytes:
+        external = to_external(extension, self.destinations.own_numbers) if extension else None
+        return f"{CALLER_HEADER}: {external}\r\n".encode("ascii") if external else b""
+
+    def _deadline(self, raw: bytes, mail_from: str, rcpt: str, now: datetime) -> datetime:
+        """The request's monitor time bounds its relaying; other mail gets ``relay.give_up_after``."""
+        try:
+            request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory,
+                                    config=self.config, now=now)
+        except Refused:  # the executing office judges the request; it may need its own directory
+            request = None
+        seconds = request.monitor if request is not None else self.config.relay.give_up_after
+        return now + timedelta(seconds=seconds)
+
+
+# --- the bounce (RFC 3464) -------------------------------------------------------------------------
+
+def enhanced_status(error: str, default: str) -> str:
+    """The RFC 3463 code inside a peer's reply text, or ``default``."""
+    found = re.search(r"\b([245]\.\d{1,3}\.\d{1,3})\b", error)
+    return found.group(1) if found else default
+
+
+def delivery_status_notification(config: Config, row: OutboxRow, original: bytes, *, status: str,
+                                 reason: str, now: datetime) -> EmailMessage:
+    """A multipart/report DSN telling ``row.mail_from`` that relaying to ``row.rcpt_to`` failed."""
+    reporter = config.domains[0]
+    human = (f"Your mail to {row.rcpt_to} could not be delivered to the gateway of its office.\n\n"
+             f"Reason: {reason}\n"
+             f"Status: {status} ({'permanent' if status.startswith('5') else 'gave up retrying'})\n"
+             f"Attempts: {row.attempts + 1}, from {row.created_at:%Y-%m-%d %H:%M:%S} UTC "
+             f"to {now:%Y-%m-%d %H:%M:%S} UTC\n\n"
+             "Nothing was done at the other office. Send the request again when it is still wanted, "
+             "or ask your administrator (mailgw queue).\n")
+    report = EmailMessage()
+    report["From"] = f"Mail Delivery System <{config.sender_address}>"
+    report["To"] = row.mail_from
+    report["Subject"] = f"Undelivered Mail Returned to Sender: {row.rcpt_to}"
+    report["Date"] = format_datetime(now)
+    report["Message-ID"] = make_msgid(domain=reporter)
+    report["Auto-Submitted"] = "auto-replied"  # never answered, never executed as a request
+    report.set_content(human)
+    report.make_mixed()
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {reporter}"
+    per_message["Arrival-Date"] = format_datetime(row.created_at)
+    per_recipient = Message()
+    per_recipient["Final-Recipient"] = f"rfc822; {row.rcpt_to}"
+    per_recipient["Action"] = "failed"
+    per_recipient["Status"] = status
+    per_recipient["Diagnostic-Code"] = f"smtp; {' '.join(reason.split())[:900]}"
+    per_recipient["Last-Attempt-Date"] = format_datetime(now)
+    delivery_status = Message()
+    delivery_status.set_type("message/delivery-status")
+    delivery_status.set_payload([per_message, per_recipient])
+    del delivery_status["MIME-Version"]
+    headers = EmailMessage()
+    headers.set_type("text/rfc822-headers")
+    headers.set_payload(header_section(original).decode("ascii", "replace") + "\r\n")
+    del headers["MIME-Version"]
+    report.attach(delivery_status)
+    report.attach(headers)
+    report.set_type("multipart/report")
+    report.set_param("report-type", "delivery-status")
+    return report
+
