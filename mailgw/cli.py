@@ -5,6 +5,7 @@
     mailgw inbox    ADDRESS [--read N]               list / read a person's mailbox (reading marks it Seen)
     mailgw requests [--config FILE] [--data DIR]     recent requests and how they ended
     mailgw scenario check FILE...                    check scenario files (file:line:column: problem)
+    mailgw customers import FILE / absence set USER / calls   missed-call mail (docs/absence.md)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from . import mailbox
 from .config import ConfigError, load_config, readable_secrets_warning
 from .directory import DirectoryError
+from .absence_cli import register as register_absence
 from .campon_cli import register as register_campons
 from .pbx.phone_cli import register as register_phone
 from .queue_cli import register as register_queue
@@ -96,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     register_phone(sub)
     register_scenario(sub)
     register_queue(sub)
+    register_absence(sub)
     return parser
 
 

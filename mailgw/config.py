@@ -84,6 +84,7 @@ class PbxConfig:
     ring_timeout: float = 30.0  # seconds each party may ring
     caller_id: str = '"mailgw" <mailgw>'
     max_concurrent_calls: int = 20
+    incoming_context: str = "from-trunk"  # where calls from outside arrive (call history, absence mail)
 
 
 ACTIONS = ("connect", "camp-on", "cancel", "monitor")
@@ -180,6 +181,16 @@ class ScenariosConfig:
 
 
 @dataclass(frozen=True)
+class AbsenceConfig:
+    """Call history and missed-call mail (see mailgw/absence.py and docs/absence.md)."""
+
+    enabled: bool = True
+    representative: str | None = None  # mail for unknown / withheld callers; None: the directory's
+    notify_unanswered: bool = False    # also mail unanswered calls when nobody is absent (claim 8)
+    history: int = 5                   # earlier calls of the same caller shown in the mail
+
+
+@dataclass(frozen=True)
 class Config:
     domains: tuple[str, ...] = ("a.example",)
     data_dir: Path = Path("var")
@@ -201,6 +212,7 @@ class Config:
     campon: CamponConfig = CamponConfig()
     media: MediaConfig = MediaConfig()
     scenarios: ScenariosConfig = field(default_factory=ScenariosConfig)
+    absence: AbsenceConfig = AbsenceConfig()
     language: str = "en"
     gateway_address: str = ""  # From of the mail we send; default mailgw@<first domain>
 
@@ -263,7 +275,7 @@ def _mailbox_group(value: object) -> str | None:
 _TOP_KEYS = {
     "domains", "data_dir", "smtp", "outbound", "directory", "destinations", "mailbox",
     "templates", "pbx", "policy", "security", "requests", "numbering", "language", "gateway_address",
-    "campon", "media", "scenarios", "relay",
+    "campon", "media", "scenarios", "relay", "absence",
 }
 
 
@@ -274,7 +286,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     outbound = _section(raw, "outbound", {"smarthost", "retry_interval", "max_retry_interval", "give_up_after"})
     mailbox = _section(raw, "mailbox", {"root", "group"})
     pbx = _section(raw, "pbx", {"ami", "simulator", "dial_context", "connect_context", "ring_timeout",
-                                "caller_id", "max_concurrent_calls"})
+                                "caller_id", "max_concurrent_calls", "incoming_context"})
     ami = _section(pbx, "ami", {"host", "port", "username", "secret"}, "pbx.")
     sim = _section(pbx, "simulator", {"enabled", "phones", "time_scale"}, "pbx.")
     policy = _section(raw, "policy", {"allow", "deny", "actions", "per_sender_per_hour", "per_number_per_minute",
@@ -330,6 +342,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
             ring_timeout=_duration(pbx.get("ring_timeout"), d.pbx.ring_timeout, "pbx.ring_timeout"),
             caller_id=_str(pbx, "caller_id", d.pbx.caller_id, "pbx."),
             max_concurrent_calls=_int(pbx, "max_concurrent_calls", d.pbx.max_concurrent_calls, "pbx."),
+            incoming_context=_str(pbx, "incoming_context", d.pbx.incoming_context, "pbx."),
         ),
         policy=PolicyConfig(
             allow=_patterns(policy, "allow", d.policy.allow),
@@ -362,6 +375,8 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         scenarios=_scenarios(_section(raw, "scenarios", {"dir", "reload_interval", "confirm_prompt"}), d.scenarios, base),
         relay=_relay(_section(raw, "relay", {"mx", "retry_interval", "max_retry_interval", "give_up_after",
                                              "max_hops"}), d.relay),
+        absence=_absence(_section(raw, "absence", {"enabled", "representative", "notify_unanswered", "history"}),
+                         d.absence),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
     )
@@ -382,6 +397,19 @@ def _prompt(value: object) -> str:
         raise ConfigError(f"scenarios.confirm_prompt: {text!r} is not a sound name or absolute path "
                           "(letters, digits, _ . / -; no extension)")
     return text
+
+
+def _absence(raw: dict[str, Any], d: AbsenceConfig) -> AbsenceConfig:
+    representative = raw.get("representative", d.representative)
+    if representative is not None and (not isinstance(representative, str) or "@" not in representative):
+        raise ConfigError("absence.representative: must be a mail address")
+    history = _int(raw, "history", d.history, "absence.")
+    if history < 0:
+        raise ConfigError("absence.history: must be 0 or more")
+    return AbsenceConfig(
+        enabled=_bool(raw, "enabled", d.enabled, "absence."),
+        representative=representative.strip().lower() if representative else None,
+        notify_unanswered=_bool(raw, "notify_unanswered", d.notify_unanswered, "absence."), history=history)
 
 
 def _campon(raw: dict[str, Any], d: CamponConfig) -> CamponConfig:

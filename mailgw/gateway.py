@@ -13,6 +13,8 @@ import contextlib
 import logging
 from dataclasses import replace
 
+from .absence_mail import AbsenceMailer
+from .callhistory import CallHistory
 from .campon import Campons
 from .config import Config
 from .directory import Directory, load_directory
@@ -45,6 +47,8 @@ class Gateway:
         self.outbox = Outbox(config, self.directory, self.store, config.data_dir / "outbox", self.destinations)
         self.dispatcher: Dispatcher | None = None
         self.campons: Campons | None = None
+        self.call_history: CallHistory | None = None
+        self.absence_mailer: AbsenceMailer | None = None
         self.scenarios = ScenarioLibrary(config.scenarios.dir, interval=config.scenarios.reload_interval)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -76,6 +80,12 @@ class Gateway:
                           asyncio.create_task(self.dispatcher.imap_reading.run(), name="imap-read-watcher"),
                           asyncio.create_task(self.dispatcher.receipt_deadlines.run(), name="receipt-deadlines"),
                           asyncio.create_task(self.scenarios.run(), name="scenario-reload")]
+        if self.config.absence.enabled:  # call history and missed-call mail (docs/absence.md)
+            self.absence_mailer = AbsenceMailer(self.config, self.directory, self.store, self.outbox, notifier)
+            self.call_history = CallHistory(self.config, self.directory, self.store, self.pbx,
+                                            self.absence_mailer.wake)
+            self._watchers.append(asyncio.create_task(self.absence_mailer.run(), name="absence-mail"))
+            await self.call_history.start()
         await self.campons.start()  # before the dispatcher: camp-ons resume from their own rows
         await self.dispatcher.resume()
         handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)
@@ -109,6 +119,8 @@ class Gateway:
             await self.dispatcher.stop()
         if self.campons is not None:
             await self.campons.stop()
+        if self.call_history is not None:
+            await self.call_history.stop()
         for watcher in self._watchers:  # they poll forever: cancel them (the outbox below finishes its mail)
             watcher.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)

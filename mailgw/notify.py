@@ -190,6 +190,10 @@ class Notifier:
         message["X-CTI-Request"] = request_id
         return message
 
+    def render(self, name: str, context: dict[str, Any]) -> tuple[str, str]:
+        """(subject, body) of template ``name`` (e.g. ``absence.ja.txt``) rendered in the sandbox."""
+        return self._render(name, context)
+
     def _render(self, name: str, context: dict[str, Any]) -> tuple[str, str]:
         text = self.env.get_template(name).render(context)
         head, _, body = text.lstrip("\n").partition("\n\n")

@@ -210,6 +210,7 @@ class Store:
         db.executescript(CAMPON_SCHEMA)
         db.executescript(SCENARIO_SCHEMA)
         db.executescript(RELAY_SCHEMA)
+        db.executescript(ABSENCE_SCHEMA)
         self._db = db
 
     async def close(self) -> None:
@@ -668,6 +669,114 @@ class Store:
         return await self._run(write)
 
 
+    # --- call history, customers, absence (mailgw/callhistory.py, customers.py, absence.py) ------
+    # Tables in ABSENCE_SCHEMA at the end of this module.
+
+    async def record_incoming(self, calls: list["IncomingRow"], notices: list["NoticeRow"]) -> None:
+        """Write the latest snapshot of each incoming call, and the missed-call notices decided
+        for the ones that ended, in one transaction (a notice exists iff its call's end does)."""
+        statements: Statements = [(
+            "INSERT INTO incoming_calls (id, started_at, caller, caller_key, caller_name, exten, rung, answered_by,"
+            " answered_at, ended_at, cause, ended_unseen, customer_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(id) DO UPDATE SET caller = excluded.caller, caller_key = excluded.caller_key,"
+            " caller_name = excluded.caller_name, rung = excluded.rung, answered_by = excluded.answered_by,"
+            " answered_at = excluded.answered_at, ended_at = excluded.ended_at, cause = excluded.cause,"
+            " ended_unseen = excluded.ended_unseen, customer_id = excluded.customer_id"
+            " WHERE incoming_calls.ended_at IS NULL",
+            (c.id, _ts(c.started_at), c.caller, c.caller_key, c.caller_name, c.exten, ",".join(c.rung),
+             c.answered_by, _ts(c.answered_at), _ts(c.ended_at), c.cause, int(c.ended_unseen), c.customer_id))
+            for c in calls]
+        now = _ts(utcnow())
+        statements += [("INSERT OR IGNORE INTO absence_notices (call_id, recipient, language, reason, state,"
+                        " created_at, updated_at) VALUES (?,?,?,?,'pending',?,?)",
+                        (n.call_id, n.recipient, n.language, n.reason, now, now)) for n in notices]
+        await self._commit(statements)
+
+    async def open_incoming(self) -> list["IncomingRow"]:
+        """Incoming calls recorded as not yet ended (the gateway lost sight of them)."""
+        rows = await self._run(self._query, "SELECT * FROM incoming_calls WHERE ended_at IS NULL ORDER BY started_at")
+        return [_incoming(r) for r in rows]
+
+    async def incoming_call(self, call_id: str) -> "IncomingRow | None":
+        rows = await self._run(self._query, "SELECT * FROM incoming_calls WHERE id = ?", (call_id,))
+        return _incoming(rows[0]) if rows else None
+
+    async def list_incoming(self, *, caller_key: str | None = None, before: datetime | None = None,
+                            limit: int = 20) -> list["IncomingRow"]:
+        """Newest first; only from ``caller_key`` and started before ``before`` when given."""
+        where, params = ["1"], []
+        if caller_key is not None:
+            where.append("caller_key = ?")
+            params.append(caller_key)
+        if before is not None:
+            where.append("started_at < ?")
+            params.append(_ts(before))
+        rows = await self._run(self._query, f"SELECT * FROM incoming_calls WHERE {' AND '.join(where)}"
+                               " ORDER BY started_at DESC LIMIT ?", (*params, limit))
+        return [_incoming(r) for r in rows]
+
+    async def replace_customers(self, customers: list[dict[str, Any]]) -> None:
+        """The customer database becomes ``customers`` (each a mapping of CUSTOMER_COLUMNS plus
+        ``numbers``: normalised phone and fax numbers), in one transaction."""
+        statements: Statements = [("DELETE FROM customer_numbers", ()), ("DELETE FROM customers", ())]
+        for index, customer in enumerate(customers, start=1):
+            statements.append((f"INSERT INTO customers (id, {', '.join(CUSTOMER_COLUMNS)}) VALUES "
+                               f"(?, {', '.join('?' for _ in CUSTOMER_COLUMNS)})",
+                               (index, *(customer.get(c) for c in CUSTOMER_COLUMNS))))
+            statements += [("INSERT INTO customer_numbers VALUES (?, ?)", (number, index))
+                           for number in customer["numbers"]]
+        await self._commit(statements)
+
+    async def customer(self, *, number: str | None = None, id: int | None = None) -> dict[str, Any] | None:
+        if number is not None:
+            sql, param = ("SELECT c.* FROM customers c JOIN customer_numbers n ON n.customer_id = c.id"
+                          " WHERE n.number = ?"), number
+        else:
+            sql, param = "SELECT * FROM customers WHERE id = ?", id
+        rows = await self._run(self._query, sql, (param,))
+        return dict(rows[0]) if rows else None
+
+    async def count_customers(self) -> int:
+        rows = await self._run(self._query, "SELECT COUNT(*) FROM customers")
+        return int(rows[0][0])
+
+    async def set_absence(self, address: str, *, until: datetime | None, note: str, source: str) -> None:
+        now = _ts(utcnow())
+        await self._commit([("INSERT INTO absences (address, since, until, note, source) VALUES (?,?,?,?,?)"
+                             " ON CONFLICT(address) DO UPDATE SET since = excluded.since, until = excluded.until,"
+                             " note = excluded.note, source = excluded.source",
+                             (address, now, _ts(until), note, source))])
+
+    async def clear_absence(self, address: str) -> bool:
+        rows = await self._run(self._query, "SELECT 1 FROM absences WHERE address = ?", (address,))
+        await self._commit([("DELETE FROM absences WHERE address = ?", (address,))])
+        return bool(rows)
+
+    async def absences(self) -> list[tuple[str, datetime, datetime | None, str, str]]:
+        """(address, since, until, note, source) of everyone marked absent (expired ones too)."""
+        rows = await self._run(self._query, "SELECT * FROM absences ORDER BY address")
+        return [(r["address"], _dt(r["since"]), _dt(r["until"]), r["note"], r["source"]) for r in rows]  # type: ignore[misc]
+
+    async def pending_notices(self, limit: int = 200) -> list["NoticeRow"]:
+        rows = await self._run(self._query, "SELECT * FROM absence_notices WHERE state = 'pending'"
+                               " ORDER BY created_at, call_id LIMIT ?", (limit,))
+        return [NoticeRow(r["call_id"], r["recipient"], r["language"], r["reason"], r["state"]) for r in rows]
+
+    async def notice_queued(self, call_id: str, mail: OutboxEntry | None, *, state: str = "queued",
+                            detail: str = "") -> None:
+        """The notice's mail is in the outbox (one transaction with the outbox row), or it failed."""
+        statements: Statements = [("UPDATE absence_notices SET state = ?, outbox_id = ?, detail = ?, updated_at = ?"
+                                   " WHERE call_id = ? AND state = 'pending'",
+                                   (state, mail.id if mail else None, detail, _ts(utcnow()), call_id))]
+        if mail is not None:
+            statements += _outbox_insert(mail)
+        await self._commit(statements)
+
+    async def notices(self) -> list["NoticeRow"]:
+        rows = await self._run(self._query, "SELECT * FROM absence_notices ORDER BY created_at, call_id")
+        return [NoticeRow(r["call_id"], r["recipient"], r["language"], r["reason"], r["state"]) for r in rows]
+
+
 @dataclass(frozen=True)
 class CallEnd:
     """How one placed call ended, as the calls table records it."""
@@ -827,6 +936,108 @@ def _finish_call_sql(call_id: str, *, outcome: str, failed_party: str | None, ca
             (outcome, failed_party, cause, _ts(from_answered_at), _ts(to_answered_at), _ts(ended_at), call_id))
 
 
+# --- call history, customers and absence (mailgw/callhistory.py, customers.py, absence.py) ----------
+# Every incoming call from outside is a row of incoming_calls, written when it starts and updated as
+# it rings, is answered and ends. A missed call that needs a mail gets its absence_notices row in
+# the same transaction as its end; the mailer turns 'pending' into 'queued' together with the
+# outbox row, so a restart neither loses nor repeats one.
+
+ABSENCE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS incoming_calls (
+    id           TEXT PRIMARY KEY,   -- the trunk channel's Uniqueid (Linkedid of the call)
+    started_at   TEXT NOT NULL,
+    caller       TEXT,               -- the number as the network gave it; NULL: withheld
+    caller_key   TEXT,               -- the same in E.164 (phonenumbers), to match customers and history
+    caller_name  TEXT,
+    exten        TEXT NOT NULL,      -- the number it came in on
+    rung         TEXT NOT NULL DEFAULT '',  -- extensions rung, comma-separated, in order
+    answered_by  TEXT,               -- extension that answered; NULL: nobody (yet)
+    answered_at  TEXT,
+    ended_at     TEXT,
+    cause        INTEGER,            -- Q.850 cause of the caller's hang-up
+    ended_unseen INTEGER NOT NULL DEFAULT 0,  -- found gone after a restart/reconnect: end time approximate
+    customer_id  INTEGER
+);
+CREATE INDEX IF NOT EXISTS incoming_calls_caller ON incoming_calls(caller_key, started_at);
+CREATE INDEX IF NOT EXISTS incoming_calls_open ON incoming_calls(ended_at) WHERE ended_at IS NULL;
+
+CREATE TABLE IF NOT EXISTS customers (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL,     -- the customer (company)
+    department    TEXT,
+    contact       TEXT,              -- the customer's contact person
+    phone         TEXT,              -- as written in the imported file
+    fax           TEXT,
+    address       TEXT,
+    importance    TEXT,
+    owner         TEXT,              -- our person in charge
+    owner_address TEXT,              -- their mail address (normalised)
+    language      TEXT               -- language of the missed-call mail (default: the owner's)
+);
+CREATE TABLE IF NOT EXISTS customer_numbers (
+    number      TEXT PRIMARY KEY,    -- E.164
+    customer_id INTEGER NOT NULL REFERENCES customers(id)
+);
+
+CREATE TABLE IF NOT EXISTS absences (
+    address TEXT PRIMARY KEY,        -- normalised mail address of the person
+    since   TEXT NOT NULL,
+    until   TEXT,                    -- NULL: until cleared
+    note    TEXT NOT NULL DEFAULT '',
+    source  TEXT NOT NULL            -- cli, mail, pbx
+);
+
+CREATE TABLE IF NOT EXISTS absence_notices (
+    call_id    TEXT PRIMARY KEY REFERENCES incoming_calls(id),  -- one mail per missed call
+    recipient  TEXT NOT NULL,
+    language   TEXT NOT NULL,
+    reason     TEXT NOT NULL,        -- absent | unanswered
+    state      TEXT NOT NULL,        -- pending (to compose) | queued (in the outbox) | failed
+    outbox_id  TEXT,
+    detail     TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS absence_notices_pending ON absence_notices(state) WHERE state = 'pending';
+"""
+
+CUSTOMER_COLUMNS = ("name", "department", "contact", "phone", "fax", "address", "importance", "owner",
+                    "owner_address", "language")
+
+
+@dataclass(frozen=True)
+class IncomingRow:
+    id: str
+    started_at: datetime
+    caller: str | None
+    caller_key: str | None
+    caller_name: str | None
+    exten: str
+    rung: tuple[str, ...]
+    answered_by: str | None
+    answered_at: datetime | None
+    ended_at: datetime | None
+    cause: int | None
+    ended_unseen: bool
+    customer_id: int | None
+
+
+@dataclass(frozen=True)
+class NoticeRow:
+    call_id: str
+    recipient: str
+    language: str
+    reason: str
+    state: str = "pending"
+
+
+def _incoming(r: sqlite3.Row) -> IncomingRow:
+    return IncomingRow(
+        id=r["id"], started_at=_dt(r["started_at"]), caller=r["caller"], caller_key=r["caller_key"],  # type: ignore[arg-type]
+        caller_name=r["caller_name"], exten=r["exten"], rung=tuple(x for x in r["rung"].split(",") if x),
+        answered_by=r["answered_by"], answered_at=_dt(r["answered_at"]), ended_at=_dt(r["ended_at"]),
+        cause=r["cause"], ended_unseen=bool(r["ended_unseen"]), customer_id=r["customer_id"],
+    )
 
 
 

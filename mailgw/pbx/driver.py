@@ -78,6 +78,8 @@ from .ami import Field, Message, Parser
 from .media import tiff_pages, wav_seconds
 from .port import AskResult, CallOutcome, ConnectResult, DeliveryResult, Party, PbxError, PbxUnavailable
 from .port import LineCallback, LineState, line_state_of_device, line_state_of_status
+from .port import IncomingCall, IncomingCallback
+from .incoming import INCOMING_EVENTS, ended_unseen, track
 
 if TYPE_CHECKING:
     from mailgw.config import PbxConfig
@@ -910,6 +912,10 @@ class AmiPbx:
         self._line_last: dict[str, LineState] = {}
         self._resync_callbacks: list[Callable[[], None]] = []
         self._remove_line_listener: Callable[[], None] | None = None
+        # Incoming calls from outside: trunk Uniqueid -> what is known so far, and who is told.
+        self._incoming: dict[str, IncomingCall] = {}
+        self._incoming_callbacks: list[IncomingCallback] = []
+        self._remove_incoming_listener: Callable[[], None] | None = None
 
     async def start(self) -> None:
         if self._remove_listener is None:
@@ -931,6 +937,9 @@ class AmiPbx:
         if self._remove_line_listener is not None:
             self._remove_line_listener()
             self._remove_line_listener = None
+        if self._remove_incoming_listener is not None:
+            self._remove_incoming_listener()
+            self._remove_incoming_listener = None
         await self.client.close()
 
     async def find_call(self, call_id: str) -> bool:
@@ -1242,3 +1251,50 @@ class AmiPbx:
                 callback()
             except Exception:
                 log.exception("resync callback %r failed", callback)
+
+    # --- incoming calls from outside (call history, absence mail: mailgw/callhistory.py) ------------
+
+    def watch_incoming(self, callback: IncomingCallback) -> Callable[[], None]:
+        """``callback(snapshot)`` on every change of an incoming call (``pbx.incoming_context``):
+        started, caller ID, each extension rung, answered, ended. Returns the remover."""
+        if self._remove_incoming_listener is None:
+            self._remove_incoming_listener = self.client.add_listener(self._on_incoming_event, *INCOMING_EVENTS)
+        self._incoming_callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self._incoming_callbacks:
+                self._incoming_callbacks.remove(callback)
+
+        return remove
+
+    def _on_incoming_event(self, msg: Message) -> None:
+        snapshot = track(self._incoming, msg, self.config.incoming_context, datetime.now(timezone.utc))
+        if snapshot is not None:
+            self._tell_incoming(snapshot)
+
+    def _tell_incoming(self, snapshot: IncomingCall) -> None:
+        for callback in tuple(self._incoming_callbacks):
+            try:
+                callback(snapshot)
+            except Exception:  # one faulty listener must not break the others
+                log.exception("incoming-call listener %r failed on %s", callback, snapshot.call_id)
+
+    async def reconcile_incoming(self, known: Iterable[IncomingCall]) -> list[IncomingCall]:
+        """Follow ``known`` calls (recorded before a restart or an AMI reconnect) again; those the
+        PBX no longer shows ended unseen and are returned (and told to the listeners)."""
+        calls = self._incoming
+        for call in known:
+            calls.setdefault(call.call_id, call)
+        reply = await self.client.list_action("CoreShowChannels")
+        if not reply.response.ok:
+            raise PbxError(f"CoreShowChannels refused: {reply.response.message}")
+        live = {ev.get("Uniqueid") for ev in reply.events} | {ev.get("Linkedid") for ev in reply.events}
+        gone = [call for call_id, call in list(calls.items()) if call_id not in live]
+        now = datetime.now(timezone.utc)
+        ended = []
+        for call in gone:
+            calls.pop(call.call_id, None)
+            ended.append(ended_unseen(call, now))
+            self._tell_incoming(ended[-1])
+        return ended
+

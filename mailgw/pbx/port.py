@@ -171,3 +171,30 @@ class PbxPort(Protocol):
 
 class PbxUnavailable(PbxError):
     """Nothing reached the PBX (not connected, not logged in): safe to try the same call again."""
+
+
+@dataclass(frozen=True)
+class IncomingCall:
+    """An incoming call from outside as the PBX shows it so far (``AmiPbx.watch_incoming``).
+
+    ``call_id`` is the trunk channel's Uniqueid (the call's Linkedid). ``caller`` is the number the
+    network gave, None when it was withheld. ``rung`` lists the extensions it rang, in order;
+    ``answered_by`` the one that answered, None while nobody has. ``ended_at`` is set when the
+    caller's channel hung up; ``ended_unseen`` when the call was found gone after the gateway had
+    lost sight of it (restart, AMI reconnect), so how it went on is unknown.
+    """
+
+    call_id: str
+    started_at: datetime
+    caller: str | None
+    caller_name: str | None
+    exten: str                      # the number it came in on (DID), as the trunk context saw it
+    rung: tuple[str, ...] = ()
+    answered_by: str | None = None
+    answered_at: datetime | None = None
+    ended_at: datetime | None = None
+    cause: int | None = None
+    ended_unseen: bool = False
+
+
+IncomingCallback = Callable[[IncomingCall], None]

@@ -1,0 +1,187 @@
+"""``mailgw customers``, ``mailgw absence`` and ``mailgw calls``: the missed-call mail's data.
+
+    mailgw customers import FILE       replace the customer database with a CSV or YAML file;
+                                       prints how many were imported and every rejected row
+    mailgw customers [--json]          list the customer database
+    mailgw absence set USER [--until TIME] [--note TEXT]   put a person in absence mode
+    mailgw absence clear USER          end it
+    mailgw absence                     who is absent now
+    mailgw calls [--limit N]           recent incoming calls (call history)
+
+``USER`` is a mail address or a directory person's local part (``yamada``). ``--until`` takes an
+ISO 8601 time (``2026-12-24T18:00``, local time unless it says otherwise) or a duration (``2h``).
+All of them work on the store, with or without a running gateway; a running gateway sees a change
+at the next call. Every command takes ``--config FILE`` and ``--data DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pytimeparse2 import parse as parse_seconds
+
+from .config import load_config
+from .customers import parse_customers, read_entries
+from .directory import load_directory, normalise_address
+
+EX_DATAERR = 65
+
+
+def register(subparsers: Any) -> None:
+    customers = subparsers.add_parser("customers", help="import or list the customer database",
+                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _options(customers)
+    customers.add_argument("--json", action="store_true", help="machine-readable output")
+    customers.set_defaults(run=_list_customers)
+    actions = customers.add_subparsers(dest="customers_action", metavar="ACTION")
+    load = actions.add_parser("import", help="replace the customer database with a CSV or YAML file")
+    load.add_argument("file", type=Path)
+    _options(load)
+    load.set_defaults(run=_import)
+
+    absence = subparsers.add_parser("absence", help="absence mode: who gets missed-call mail",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _options(absence)
+    absence.set_defaults(run=_list_absent)
+    modes = absence.add_subparsers(dest="absence_action", metavar="ACTION")
+    put = modes.add_parser("set", help="put a person in absence mode")
+    put.add_argument("user", help="mail address or directory local part")
+    put.add_argument("--until", metavar="TIME", help="ISO 8601 time or a duration such as 2h (default: until cleared)")
+    put.add_argument("--note", default="", help="a note shown in their missed-call mail")
+    _options(put)
+    put.set_defaults(run=_set_absent)
+    clear = modes.add_parser("clear", help="end a person's absence mode")
+    clear.add_argument("user")
+    _options(clear)
+    clear.set_defaults(run=_clear_absent)
+
+    calls = subparsers.add_parser("calls", help="recent incoming calls (call history)")
+    calls.add_argument("--limit", type=int, default=20)
+    _options(calls)
+    calls.set_defaults(run=_calls)
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="gateway.yaml (default: embedded defaults)")
+    parser.add_argument("--data", type=Path, help="data directory (default: $MAILGW_HOME or ./var)")
+
+
+async def _with_store(args: argparse.Namespace, work: Any) -> Any:
+    from .store import Store
+
+    config = load_config(args.config, data_dir=args.data)
+    store = Store(config.data_dir / "mailgw.sqlite3")
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def _import(args: argparse.Namespace) -> int:
+    config = load_config(args.config, data_dir=args.data)
+    try:
+        result = parse_customers(read_entries(args.file), config.numbering.region)
+    except (OSError, ValueError) as exc:
+        print(f"mailgw customers import: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    asyncio.run(_with_store(args, lambda store: store.replace_customers([c.row() for c in result.customers])))
+    print(f"imported {len(result.customers)} customer(s) from {args.file}; rejected {len(result.rejected)} row(s)")
+    for rejected in result.rejected:
+        print(f"  {args.file}: {rejected.where}: {rejected.reason}")
+    return 0 if not result.rejected else 1
+
+
+def _list_customers(args: argparse.Namespace) -> int:
+    async def work(store: Any) -> list[dict[str, Any]]:
+        count = await store.count_customers()
+        return [c for i in range(1, count + 1) if (c := await store.customer(id=i))]
+
+    rows = asyncio.run(_with_store(args, work))
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return 0
+    if not rows:
+        print("no customers (mailgw customers import FILE)")
+    for c in rows:
+        print(f"{c['name']:24} {c['contact'] or '-':16} {c['phone'] or '-':16} in charge: {c['owner_address'] or '-'}")
+    return 0
+
+
+def resolve_user(args: argparse.Namespace) -> str | None:
+    """A mail address for ``args.user``: as given, or a directory person's by local part."""
+    if "@" in args.user:
+        return normalise_address(args.user)
+    directory = load_directory(load_config(args.config, data_dir=args.data).directory)
+    for person in directory.people:
+        if person.local_part.lower() == args.user.lower():
+            return person.address
+    return None
+
+
+def parse_until(text: str, now: datetime) -> datetime:
+    """``2h`` → now + 2 h; ``2026-12-24T18:00`` → that time (local unless an offset is given)."""
+    seconds = parse_seconds(text)
+    if seconds is not None:
+        return now + timedelta(seconds=float(seconds))
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.astimezone()
+
+
+def _set_absent(args: argparse.Namespace) -> int:
+    address = resolve_user(args)
+    if address is None:
+        print(f"mailgw absence: {args.user!r} is not a mail address or a person in the directory", file=sys.stderr)
+        return EX_DATAERR
+    until = None
+    if args.until:
+        try:
+            until = parse_until(args.until, datetime.now(UTC))
+        except ValueError:
+            print(f"mailgw absence: --until {args.until!r}: use an ISO 8601 time or a duration such as 2h",
+                  file=sys.stderr)
+            return EX_DATAERR
+    asyncio.run(_with_store(args, lambda s: s.set_absence(address, until=until, note=args.note, source="cli")))
+    print(f"{address} is absent{f' until {until.astimezone():%Y-%m-%d %H:%M}' if until else ' until cleared'}")
+    return 0
+
+
+def _clear_absent(args: argparse.Namespace) -> int:
+    address = resolve_user(args)
+    if address is None:
+        print(f"mailgw absence: {args.user!r} is not a mail address or a person in the directory", file=sys.stderr)
+        return EX_DATAERR
+    was = asyncio.run(_with_store(args, lambda store: store.clear_absence(address)))
+    print(f"{address} is back" if was else f"{address} was not absent")
+    return 0
+
+
+def _list_absent(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_with_store(args, lambda store: store.absences()))
+    now = datetime.now(UTC)
+    current = [r for r in rows if r[2] is None or r[2] > now]
+    if not current:
+        print("nobody is absent")
+    for address, since, until, note, source in current:
+        ends = f"{until.astimezone():%Y-%m-%d %H:%M}" if until else "cleared"
+        print(f"{address:32} since {since.astimezone():%Y-%m-%d %H:%M}  until {ends}  ({source}) {note}".rstrip())
+    return 0
+
+
+def _calls(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_with_store(args, lambda store: store.list_incoming(limit=args.limit)))
+    if not rows:
+        print("no incoming calls recorded")
+    for r in rows:
+        outcome = (f"answered by {r.answered_by}" if r.answered_by else
+                   "ringing" if r.ended_at is None else "missed")
+        length = f"{(r.ended_at - r.started_at).total_seconds():.0f} s" if r.ended_at else "-"
+        print(f"{r.started_at.astimezone():%Y-%m-%d %H:%M:%S}  {r.caller or 'withheld':16} "
+              f"rang {','.join(r.rung) or '-':12} {outcome:24} {length}")
+    return 0

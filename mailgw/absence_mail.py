@@ -1,0 +1,136 @@
+"""The missed-call mail: a pending notice becomes one short, readable mail in the outbox.
+
+``AbsenceMailer.run`` is a pipeline stage like the outbox worker: it takes every ``pending`` row of
+``absence_notices`` (decided by ``callhistory`` when the call ended), renders
+``templates/absence.<language>.txt`` in jinja2's sandbox, writes the mail durably and marks the
+notice ``queued`` in the same transaction as its outbox row. A restart picks up whatever is still
+pending, so a notice is neither lost nor sent twice.
+
+The mail fits a phone: the subject says who and when (``Missed call: Yamada Taro (XX Corp) 15:04``,
+the time the call came in, not when it was hung up), the body is plain UTF-8 text with the caller's
+number as a ``tel:`` link, the customer's details and this caller's recent calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from email.header import Header
+from email.message import Message
+from email.mime.text import MIMEText
+from email.utils import format_datetime, formataddr, make_msgid
+from typing import Any
+
+from jinja2 import TemplateError
+
+from .absence import subject_name
+from .config import Config
+from .customers import display_number
+from .directory import Directory
+from .notify import LANGUAGES, Notifier
+from .outbound import Outbox
+from .store import IncomingRow, NoticeRow, Store
+
+log = logging.getLogger("mailgw.absence")
+
+
+class AbsenceMailer:
+    def __init__(self, config: Config, directory: Directory, store: Store, outbox: Outbox,
+                 notifier: Notifier) -> None:
+        self.config = config
+        self.directory = directory
+        self.store = store
+        self.outbox = outbox
+        self.notifier = notifier
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send pending notices until cancelled; sleeps until ``wake()``."""
+        while True:
+            self._wake.clear()
+            pending = await self.store.pending_notices()
+            for notice in pending:
+                await self._send(notice)
+            if not pending:
+                await self._wake.wait()
+
+    async def _send(self, notice: NoticeRow) -> None:
+        call = await self.store.incoming_call(notice.call_id)
+        if call is None:  # cannot happen (foreign key); recorded rather than retried forever
+            await self.store.notice_queued(notice.call_id, None, state="failed", detail="call not recorded")
+            return
+        customer = await self.store.customer(id=call.customer_id) if call.customer_id else None
+        history = await self.store.list_incoming(caller_key=call.caller_key, before=call.started_at,
+                                                 limit=self.config.absence.history) if call.caller_key else []
+        message = self.compose(notice, call, customer, history)
+        entry = await self.outbox.prepare(message, rcpt_to=notice.recipient, request_id=None)
+        await self.store.notice_queued(notice.call_id, entry)
+        self.outbox.wake()
+        log.info("missed call %s: mail to %s queued (%s)", call.id, notice.recipient, notice.reason)
+
+    def compose(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
+                history: list[IncomingRow]) -> Message:
+        language = notice.language if notice.language in LANGUAGES else "en"
+        context = self.context(notice, call, customer, history, language)
+        try:
+            subject, body = self.notifier.render(f"absence.{language}.txt", context)
+        except (TemplateError, OSError, ValueError) as exc:
+            log.error("template absence.%s.txt failed (%s); using the built-in wording", language, exc)
+            subject, body = _fallback(context)
+        message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
+        message["From"] = formataddr(("mailgw", self.config.sender_address))
+        message["To"] = notice.recipient
+        message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
+        message["Date"] = format_datetime(datetime.now().astimezone())
+        message["Message-ID"] = make_msgid(domain=self.config.domains[0])
+        message["Auto-Submitted"] = "auto-generated"  # RFC 3834: a notice, no auto-replies to it
+        message["X-CTI-Call"] = call.id
+        message["X-CTI-Caller"] = call.caller_key or call.caller or "withheld"
+        return message
+
+    def context(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
+                history: list[IncomingRow], language: str) -> dict[str, Any]:
+        region = self.config.numbering.region
+        customer = customer or {}
+        withheld = call.caller is None
+        number = display_number(call.caller_key, region) or (call.caller or "")
+        return {
+            "call_id": call.id,
+            "reason": notice.reason,
+            "who": subject_name(contact=customer.get("contact") or "", customer=customer.get("name") or "",
+                                number=number, withheld=withheld, language=language),
+            "time": _local(call.started_at, "%H:%M"),
+            "started_at": _local(call.started_at),
+            "ended_at": _local(call.ended_at) if call.ended_at else "",
+            "ended_unseen": call.ended_unseen,
+            "rang_seconds": round((call.ended_at - call.started_at).total_seconds()) if call.ended_at else None,
+            "withheld": withheld,
+            "number": number,
+            "tel": f"tel:{call.caller_key}" if call.caller_key else "",
+            "caller_name": call.caller_name or "",
+            "customer": {k: (v or "") for k, v in customer.items()},
+            "known": bool(customer),
+            "rung": [self._person(ext) for ext in call.rung],
+            "history": [{"at": _local(h.started_at, "%Y-%m-%d %H:%M"),
+                         "answered_by": self._person(h.answered_by) if h.answered_by else ""} for h in history],
+            "recipient": notice.recipient,
+            "domain": self.config.domains[0],
+        }
+
+    def _person(self, extension: str) -> str:
+        person = self.directory.by_extension(extension)
+        return f"{person.name} ({extension})" if person else extension
+
+
+def _local(moment: datetime, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return moment.astimezone().strftime(fmt)
+
+
+def _fallback(context: dict[str, Any]) -> tuple[str, str]:
+    return (f"Missed call: {context['who']} {context['time']}",
+            f"Missed call at {context['started_at']} from {context['number'] or 'a withheld number'} "
+            f"{context['tel']}\n")

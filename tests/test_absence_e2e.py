@@ -1,0 +1,166 @@
+"""Missed-call mail end to end: incoming calls on the simulator (real AMI over TCP), the gateway's
+call history, absence mode, and the mail arriving at a real SMTP sink."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Callable
+
+from mailgw.config import Config
+
+from .absence_helpers import CallEnds, import_customers, place_incoming, write_directory
+from .conftest import Sink, running_gateway
+
+
+def absence_config(make_config: Callable[..., Config], tmp_path: Path, **absence: object) -> Config:
+    config = make_config(directory=write_directory(tmp_path))
+    return replace(config, absence=replace(config.absence, **absence))
+
+
+async def set_absent(gw, address: str) -> None:  # noqa: ANN001
+    await gw.store.set_absence(address, until=None, note="", source="test")
+
+
+async def test_known_caller_with_absent_owner_gets_one_mail_with_the_call_details(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await import_customers(gw, tmp_path)
+        await set_absent(gw, "tanaka@b.example")
+        ends = CallEnds(gw)
+        earlier = await place_incoming(gw, "0312345678", "2001", answer="2001")  # history: answered by Bob
+        await ends.wait(earlier)
+        call_id = await place_incoming(gw, '"XX Corp" <+81312345678>', "2000", answer="nobody")
+        row, notice = await ends.wait(call_id)
+        assert notice is not None and notice.recipient == "tanaka@b.example" and notice.reason == "absent"
+        assert row.caller_key == "+81312345678" and row.customer_id is not None
+        assert row.rung == ("2000",) and row.answered_by is None and row.ended_at is not None
+
+        mail_from, rcpt_tos, message = await sink.next()
+        assert rcpt_tos == ["tanaka@b.example"]
+        started = row.started_at.astimezone().strftime("%H:%M")
+        assert message["Subject"] == f"Missed call: Yamada Taro (XX Corp) {started}"
+        assert message["X-CTI-Call"] == call_id and message["X-CTI-Caller"] == "+81312345678"
+        assert message["Auto-Submitted"] == "auto-generated"
+        body = message.get_body(("plain",)).get_content()
+        assert "tel:+81312345678" in body and "03-1234-5678" in body
+        assert row.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") in body  # the time of the call
+        assert "Importance: A" in body and "1-2-3 Chiyoda, Tokyo" in body and "Fax:        03-1234-5679" in body
+        assert "Tanaka Ichiro (2000), nobody answered" in body
+        assert "answered by Bob Baker (2001)" in body  # the earlier call, in this caller's history
+        assert [n.state for n in await gw.store.notices()] == ["queued"]
+        assert sink.received.empty()
+
+
+async def test_unknown_caller_goes_to_the_representative(make_config: Callable[..., Config], sink: Sink,
+                                                         tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await import_customers(gw, tmp_path)
+        await set_absent(gw, "tanaka@b.example")
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0455556666", "2000", answer="nobody")
+        _, notice = await ends.wait(call_id)
+        assert notice is not None and notice.recipient == "desk@b.example"
+        _, rcpt_tos, message = await sink.next()
+        assert rcpt_tos == ["desk@b.example"]
+        assert message["Subject"].startswith("Missed call: 045-555-6666 ")
+        assert "tel:+81455556666" in message.get_body(("plain",)).get_content()
+
+
+async def test_withheld_number_goes_to_the_representative(make_config: Callable[..., Config], sink: Sink,
+                                                          tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await set_absent(gw, "tanaka@b.example")
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, None, "2000", answer="nobody")
+        row, notice = await ends.wait(call_id)
+        assert row.caller is None and notice is not None and notice.recipient == "desk@b.example"
+        _, rcpt_tos, message = await sink.next()
+        assert rcpt_tos == ["desk@b.example"] and message["X-CTI-Caller"] == "withheld"
+        assert message["Subject"].startswith("Missed call: withheld number ")
+        body = message.get_body(("plain",)).get_content()
+        assert "withheld by the caller" in body and "tel:" not in body
+
+
+async def test_a_colleague_answering_means_no_mail(make_config: Callable[..., Config], sink: Sink,
+                                                   tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path, notify_unanswered=True), sink) as gw:
+        await import_customers(gw, tmp_path)
+        await set_absent(gw, "tanaka@b.example")
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0312345678", "2001", answer="2001")
+        row, notice = await ends.wait(call_id)
+        assert row.answered_by == "2001" and notice is None
+        assert await gw.store.notices() == []
+
+
+async def test_ring_group_answered_by_one_member_means_no_mail(make_config: Callable[..., Config], sink: Sink,
+                                                               tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await import_customers(gw, tmp_path)
+        for address in ("tanaka@b.example", "bob@b.example"):
+            await set_absent(gw, address)
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0312345678", "2000&2001&2002", answer="2002")
+        row, notice = await ends.wait(call_id)
+        assert row.rung == ("2000", "2001", "2002") and row.answered_by == "2002" and notice is None
+        assert await gw.store.notices() == []
+
+
+async def test_unanswered_ring_group_gives_one_mail_not_one_per_member(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await import_customers(gw, tmp_path)
+        for address in ("tanaka@b.example", "bob@b.example", "yamada@b.example"):
+            await set_absent(gw, address)
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0312345678", "2000&2001&2002", answer="nobody")
+        _, notice = await ends.wait(call_id)
+        assert notice is not None and notice.recipient == "tanaka@b.example"
+        _, rcpt_tos, _ = await sink.next()
+        assert rcpt_tos == ["tanaka@b.example"]
+        assert len(await gw.store.notices()) == 1
+
+
+async def test_nobody_absent_means_no_mail_unless_notify_unanswered(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await import_customers(gw, tmp_path)
+        ends = CallEnds(gw)
+        _, notice = await ends.wait(await place_incoming(gw, "0312345678", "2000", answer="nobody"))
+        assert notice is None
+        # Absent until a time already past: not absent any more.
+        await gw.store.set_absence("tanaka@b.example", until=datetime(2000, 1, 1, tzinfo=UTC), note="", source="t")
+        _, notice = await ends.wait(await place_incoming(gw, "0312345678", "2000", answer="nobody"))
+        assert notice is None and await gw.store.notices() == []
+    async with running_gateway(absence_config(make_config, tmp_path, notify_unanswered=True), sink) as gw:
+        ends = CallEnds(gw)
+        _, notice = await ends.wait(await place_incoming(gw, "0312345678", "2000", answer="nobody"))
+        assert notice is not None and notice.reason == "unanswered" and notice.recipient == "tanaka@b.example"
+        _, _, message = await sink.next()
+        assert "nobody answered" in message.get_body(("plain",)).get_content()
+
+
+async def test_japanese_mail_is_utf8_and_reads_back_in_a_mail_parser(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await import_customers(gw, tmp_path)
+        await set_absent(gw, "yamada@b.example")
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0611112222", "2002", answer="nobody")
+        row, notice = await ends.wait(call_id)
+        assert notice is not None and notice.recipient == "yamada@b.example" and notice.language == "ja", row
+        _, _, received = await sink.next()
+        raw = received.as_bytes()
+        assert b"ISO-2022-JP" not in raw.upper()
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)  # what a mail program sees
+        started = row.started_at.astimezone().strftime("%H:%M")
+        assert parsed["Subject"] == f"不在着信: 鈴木 花子（ＹＹ商事） {started}"
+        part = parsed.get_body(("plain",))
+        assert part.get_content_charset() == "utf-8"
+        body = part.get_content()
+        assert "不在時に電話がありました。" in body and "tel:+81611112222" in body and "06-1111-2222" in body
+        assert "ご担当:   鈴木 花子 様" in body and "大阪市北区" in body
