@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Awaitable, Callable, Union
 
 from . import media
 from .config import Config
@@ -34,11 +35,14 @@ from .mdn import new_token
 from .notify import Notifier, Result
 from .numbering import normalise_number
 from .outbound import Outbox
-from .pbx.port import CallOutcome, PbxError, PbxPort, PbxUnavailable
+from .pbx.port import AskResult, CallOutcome, ConnectResult, DeliveryResult, PbxError, PbxPort, PbxUnavailable
 from .request import ExchangeRequest, Part
 from .scenario import (Afterwards, Confirm, Connect, Failure, Fax, Notify, Outcome, Parallel, Play, Scenario,
                        Step, Via, Wait, render, resolve_part, walk)
-from .store import MessageRow, StepRow, Store, utcnow
+from .store import CallRow, MessageRow, StepRow, Store, utcnow
+
+CallResult = Union[ConnectResult, DeliveryResult, AskResult]
+Prepared = Union[media.PreparedVoice, media.PreparedFax]
 
 log = logging.getLogger("mailgw.scenario")
 
@@ -103,8 +107,9 @@ class _Run:
     request: ExchangeRequest
     scenario: Scenario
     records: dict[str, StepRow] = field(default_factory=dict)
-    calls: dict[str, list] = field(default_factory=dict)  # step path -> its call rows
-    prepared: dict[tuple[int, bool], object] = field(default_factory=dict)  # (part, voice?) -> converted
+    calls: dict[str, list[CallRow]] = field(default_factory=dict)  # step path -> its calls, as stored
+    numbered: dict[str, int] = field(default_factory=dict)  # step path -> calls numbered so far
+    prepared: dict[tuple[int, bool], Prepared] = field(default_factory=dict)  # (part, voice?) -> converted
 
     @property
     def config(self) -> Config:
@@ -160,7 +165,7 @@ class _Run:
         attempts = len(placed)
         retries = step.on_failure.retries if step.on_failure.action == Failure.RETRY else 0
         while True:
-            result = await self.perform(step, path, attempts + 1, record)
+            result = await self.perform(step, path, record)
             attempts += 1 if _places_calls(step) else 0
             if result.ok or not result.retryable or attempts > retries:
                 break
@@ -171,17 +176,17 @@ class _Run:
             await store.finish_step(self.row.id, path, outcome=result.outcome, ok=result.ok, detail=result.detail)
         return result
 
-    async def perform(self, step: Step, path: str, attempt: int, record: StepRow | None) -> StepResult:
+    async def perform(self, step: Step, path: str, record: StepRow | None) -> StepResult:
         action = step.action
         if isinstance(action, Play):
-            return await self.play(action, path, attempt)
+            return await self.play(action, path)
         if isinstance(action, Fax):
-            return await self.fax(action, path, attempt)
+            return await self.fax(action, path)
         if isinstance(action, Connect):
-            return await self.connect(action, path, attempt)
+            return await self.connect(action, path)
         if isinstance(action, Confirm):
             if action.via == Via.PHONE:
-                return await self.ask_by_phone(action, path, attempt)
+                return await self.ask_by_phone(action, path)
             return await self.ask_by_mail(action, path, record)
         if isinstance(action, Wait):
             return await self.wait(action, record)
@@ -204,11 +209,11 @@ class _Run:
         person = self.runner.notifier.directory.by_extension(self.destination(None))
         return person.fax if person is not None and person.fax else self.destination(None)
 
-    async def play(self, action: Play, path: str, attempt: int) -> StepResult:
+    async def play(self, action: Play, path: str) -> StepResult:
         number = self.destination(action.to)
         prepared = self.media_for(action)
         call = lambda call_id: self.runner.pbx.play(call_id, number, prepared.path, **self.ring())  # noqa: E731
-        result = await self.place(path, attempt, number, call)
+        result = await self.place(path, number, call)
         if isinstance(result, StepResult):
             return result
         if result.outcome == CallOutcome.ANSWERED:
@@ -216,11 +221,11 @@ class _Run:
                                                 f"({prepared.seconds:.0f} s)")
         return self.failed_call(result.outcome, number, result.cause)
 
-    async def fax(self, action: Fax, path: str, attempt: int) -> StepResult:
+    async def fax(self, action: Fax, path: str) -> StepResult:
         number = self.fax_destination(action.to)
         prepared = self.media_for(action)
         call = lambda call_id: self.runner.pbx.send_fax(call_id, number, prepared.path, **self.ring())  # noqa: E731
-        result = await self.place(path, attempt, number, call)
+        result = await self.place(path, number, call)
         if isinstance(result, StepResult):
             return result
         if result.outcome == CallOutcome.ANSWERED and result.pages:
@@ -230,14 +235,14 @@ class _Run:
             return StepResult("failed", False, f"{self.show(number)} answered but took no page (not a fax machine?)")
         return self.failed_call(result.outcome, number, result.cause)
 
-    async def connect(self, action: Connect, path: str, attempt: int) -> StepResult:
+    async def connect(self, action: Connect, path: str) -> StepResult:
         number = self.destination(action.to)
         caller = normalise_number(action.from_, region=self.config.numbering.region) if action.from_ \
             else self.request.from_number
         if caller is None:
             return StepResult("failed", False, "the request says no 'from' number to connect")
         call = lambda call_id: self.runner.pbx.connect(call_id, caller, number, **self.ring())  # noqa: E731
-        result = await self.place(path, attempt, number, call, caller=caller)
+        result = await self.place(path, number, call, caller=caller)
         if isinstance(result, StepResult):
             return result
         if result.outcome == CallOutcome.ANSWERED:
@@ -245,12 +250,12 @@ class _Run:
         failed = caller if str(result.failed_party) == "from" else number
         return self.failed_call(result.outcome, failed, result.cause)
 
-    async def ask_by_phone(self, action: Confirm, path: str, attempt: int) -> StepResult:
+    async def ask_by_phone(self, action: Confirm, path: str) -> StepResult:
         number = self.destination(None)
         prompt = self.config.scenarios.confirm_prompt
         call = lambda call_id: self.runner.pbx.ask(call_id, number, prompt, timeout=action.timeout,  # noqa: E731
                                                    **self.ring())
-        result = await self.place(path, attempt, number, call)
+        result = await self.place(path, number, call)
         if isinstance(result, StepResult):
             return result
         if result.outcome != CallOutcome.ANSWERED:
@@ -262,13 +267,16 @@ class _Run:
         pressed = f"pressed {result.digit}" if result.digit else "pressed nothing"
         return StepResult("timeout", False, f"{self.show(number)} answered but {pressed}")
 
-    def ring(self) -> dict[str, object]:
+    def ring(self) -> dict[str, Any]:
         return {"ring_timeout": self.config.pbx.ring_timeout, "caller_id": self.config.pbx.caller_id}
 
-    async def place(self, path: str, attempt: int, number: str, call, *, caller: str | None = None):
-        """One call of a step: its row is written before the Originate; the PBX's answer recorded."""
+    async def place(self, path: str, number: str, call: Callable[[str], Awaitable[CallResult]], *,
+                    caller: str | None = None) -> CallResult | StepResult:
+        """One call of a step: its row is written before the Originate; the PBX's answer recorded.
+        Call ids count every call of the step, the ones that never left the gateway too."""
         store = self.runner.store
-        call_id = f"{self.row.id}-s{path}-{attempt}"
+        self.numbered[path] = self.numbered.get(path, len(self.calls.get(path, []))) + 1
+        call_id = f"{self.row.id}-s{path}-{self.numbered[path]}"
         async with self.runner.call_slots:
             await store.start_call(self.row.id, call_id, caller or "", number)
             try:
@@ -318,7 +326,7 @@ class _Run:
             self.prepared[(index, voice)] = await asyncio.to_thread(_convert, self.row.spool_path, part, self.row.id,
                                                                     voice, self.config)
 
-    def media_for(self, action: Play | Fax):
+    def media_for(self, action: Play | Fax) -> Prepared:
         part = resolve_part(action.part, self.request.parts)
         assert not isinstance(part, str)  # prepare_media resolved it already
         return self.prepared[(part.index, isinstance(action, Play))]
@@ -436,7 +444,7 @@ class ScenarioRunner:
             future.set_result(answer)
 
 
-def _convert(spool_path: Path, part: Part, request_id: str, voice: bool, config: Config):
+def _convert(spool_path: Path, part: Part, request_id: str, voice: bool, config: Config) -> Prepared:
     raw = spool_path.read_bytes()
     data = media.part_bytes(raw, part)
     limits = media.MediaLimits.of(config.media)

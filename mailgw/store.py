@@ -628,7 +628,7 @@ class Store:
                              (attempts, request_id, path))])
 
     async def finish_step(self, request_id: str, path: str, *, outcome: str, ok: bool, detail: str,
-                          mails: list["OutboxEntry"] = ()) -> None:  # type: ignore[assignment]
+                          mails: tuple["OutboxEntry", ...] | list["OutboxEntry"] = ()) -> None:
         """A step ended; ``mails`` (a notify step's note) are queued in the same transaction, so a
         crash neither loses nor repeats them."""
         now = _ts(utcnow())

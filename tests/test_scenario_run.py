@@ -5,6 +5,7 @@ mail to the sender. Seed 004, FIG. 42 and FIG. 43, and each step type."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.header
 from email.message import EmailMessage
 from pathlib import Path
@@ -259,3 +260,53 @@ async def test_on_read_the_scenario_runs_when_the_recipient_reads_the_mail(gatew
     summary = await mail_in(gateway, reply.queue_id, "alice@a.example", outcome("completed"))
     assert "1. play: answered" in summary.get_content() and "2. connect: answered" in summary.get_content()
     assert heard(gateway) == [("heard", "2001")]
+
+
+async def test_a_japanese_reader_is_asked_in_japanese_and_answers_hai(gateway: Gateway) -> None:
+    reply = await submit(gateway.smtp_port, scenario_mail("from: '2000'\nscenario: fig42\n", to="yamada@a.example"))
+    assert reply.code == 250, reply
+    inquiry = await mail_in(gateway, reply.queue_id, "yamada@a.example", is_inquiry)
+    assert str(inquiry["Subject"]).startswith("OK / NG でご返信ください")  # decoded from RFC 2047 by the parser
+    assert inquiry.get_content_charset() == "utf-8" and "「はい」" in inquiry.get_content()
+    assert await answer(gateway, inquiry, "はい", sender="yamada@a.example") == 250
+    summary = await mail_in(gateway, reply.queue_id, "alice@a.example", outcome("completed"))
+    assert "2. confirm: yes" in summary.get_content()
+
+
+def documented_example(heading: str) -> bytes:
+    """The mail under ``heading`` in docs/request-format.md, as a user would copy it."""
+    text = (Path(__file__).parent.parent / "docs" / "request-format.md").read_text(encoding="utf-8")
+    block = text.split(heading, 1)[1].split("```", 2)[1]
+    return block.lstrip("\n").replace("\n", "\r\n").encode("utf-8")
+
+
+async def test_the_documented_inline_scenario_runs_once_it_has_a_real_recording(gateway: Gateway) -> None:
+    example = documented_example("### (c) A YAML part, with an inline scenario")
+    reply = await submit(gateway.smtp_port, example, mail_from="alice@a.example",
+                         rcpt_to=["bob@a.example"])
+    assert (reply.code, reply.text) == (550, "5.6.1 part 3 (message.wav): holds no sound (0 seconds)")
+    recording = base64.encodebytes(VOICE).decode().replace("\n", "\r\n").encode()
+    placeholder = b"UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAIA+AAACABAAZGF0YQAAAAA=\r\n"
+    assert placeholder in example
+    reply = await submit(gateway.smtp_port, example.replace(placeholder, recording), mail_from="alice@a.example",
+                         rcpt_to=["bob@a.example"])
+    assert reply.code == 250, reply
+    inquiry = await mail_in(gateway, reply.queue_id, "bob@a.example", is_inquiry)
+    assert heard(gateway) == [("heard", "2001")] and "Connect Alice Archer (2000) now?" in inquiry.get_content()
+
+
+async def test_pbx_down_at_a_step_waits_and_places_the_call_once_it_is_back(gateway: Gateway) -> None:
+    simulator = gateway.simulator
+    assert simulator is not None
+    host, port = gateway.config.pbx.ami.host, gateway.ami_port
+    await simulator.stop()
+    fields = "to: '2001'\nfrom: '2000'\nscenario:\n  steps:\n    - play: voice\n    - connect\n"
+    reply = await submit(gateway.smtp_port, scenario_mail(fields, to="cti@a.example"))
+    assert reply.code == 250, reply
+    assert "PBX unavailable" in await wait_stage(gateway.store, reply.queue_id, "waiting")
+    await simulator.start(host, port)
+    summary = await mail_in(gateway, reply.queue_id, "alice@a.example", outcome("completed"), timeout=30)
+    assert "1. play: answered" in summary.get_content()
+    assert heard(gateway) == [("heard", "2001")]
+    calls = await gateway.store.calls_for(reply.queue_id)
+    assert [c.outcome for c in calls] == ["not-placed", "answered", "answered"]
