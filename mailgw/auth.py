@@ -31,6 +31,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import dkim
@@ -92,6 +93,7 @@ class PeerLogin:
     domain: str
 
 
+@lru_cache(maxsize=1024)  # asked at every RCPT and DATA; parsing the networks each time showed in profiles
 def is_trusted_network(peer: str, networks: tuple[str, ...]) -> bool:
     try:
         address = ipaddress.ip_address(peer)

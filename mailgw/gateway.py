@@ -91,7 +91,7 @@ class Gateway:
         handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)
         handler.campons = self.campons
         handler.scenarios = self.scenarios
-        handler.relay = Relay(self.config, self.directory, self.destinations, self.outbox.root)
+        handler.relay = Relay(self.config, self.directory, self.destinations, self.outbox.root, self.outbox.wake)
         self._server = await start_smtp(handler, self.config)
         log.info("mailgw listening for SMTP on %s:%d for %s; PBX %s at %s:%d", self.config.smtp.listen.host,
                  self.smtp_port, ", ".join(self.config.domains),

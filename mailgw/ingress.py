@@ -133,6 +133,8 @@ class IngressHandler:
 
         for entry, (_, request) in zip(entries, requests):
             log_received(entry, request)
+        if relay_rows and self.relay is not None:
+            self.relay.queued()
         for row, domain, _ in relay_rows:
             log.info("mail %s from %s for %s (%d bytes): relayed to %s", row.id, mail_from or "<>", row.rcpt_to,
                      len(raw), domain)

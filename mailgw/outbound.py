@@ -25,13 +25,14 @@ from .config import Config
 from .destinations import Destination, Destinations, TlsMode
 from .directory import Directory, normalise_address
 from .relay import delivery_status_notification, enhanced_status, tls_context
-from .routing import mx_destination, resolve_mx
+from .routing import NoSuchDomain, mx_destination, resolve_mx
 from .spool import new_id, write_durably
 from .store import OutboxEntry, OutboxRow, Store, utcnow
 
 log = logging.getLogger("mailgw.outbound")
 
 POLL_INTERVAL = 2.0  # seconds between looks at the table when nothing is due sooner
+PARALLEL = 16        # recipients delivered to at once
 
 
 class PermanentFailure(Exception):
@@ -79,11 +80,8 @@ class Outbox:
         while not self._stopping:
             self._wake.clear()
             due, next_try = await self.store.due_outbox(utcnow())
-            for row in due:
-                if self._stopping:
-                    return
-                await self._attempt(row)
             if due:
+                await self._attempt_all(due)
                 continue  # attempts may have rescheduled rows; look again before sleeping
             # Also look again every poll_interval: `mailgw queue retry` changes the table from outside.
             timeout = POLL_INTERVAL if next_try is None else \
@@ -94,9 +92,30 @@ class Outbox:
             except TimeoutError:
                 pass
 
-    async def _attempt(self, row: OutboxRow) -> None:
+    async def _attempt_all(self, rows: list[OutboxRow]) -> None:
+        """Deliver to up to PARALLEL recipients at once (a slow peer does not hold up the rest);
+        one recipient's mail goes in queue order, so their mails arrive in the order they were made."""
+        by_recipient: dict[str, list[OutboxRow]] = {}
+        for row in rows:
+            by_recipient.setdefault(row.rcpt_to, []).append(row)
+        slots = asyncio.Semaphore(PARALLEL)
+        sessions = Sessions()
+
+        async def in_order(mails: list[OutboxRow]) -> None:
+            async with slots:
+                for row in mails:
+                    if self._stopping:
+                        return
+                    await self._attempt(row, sessions)
+
         try:
-            await self._deliver(row)
+            await asyncio.gather(*(in_order(mails) for mails in by_recipient.values()))
+        finally:
+            await sessions.close()
+
+    async def _attempt(self, row: OutboxRow, sessions: Sessions) -> None:
+        try:
+            await self._deliver(row, sessions)
         except PermanentFailure as exc:
             log.error("mail %s to %s failed for good: %s", row.id, row.rcpt_to, exc)
             await self.store.outbox_retry(row, str(exc), None)
@@ -136,7 +155,7 @@ class Outbox:
             return
         log.info("mail %s to %s bounced to %s (%s)", row.id, row.rcpt_to, row.mail_from, status)
 
-    async def _deliver(self, row: OutboxRow) -> None:
+    async def _deliver(self, row: OutboxRow, sessions: Sessions) -> None:
         raw = await asyncio.to_thread(row.path.read_bytes)
         address = normalise_address(row.rcpt_to)
         if address is None:
@@ -150,7 +169,7 @@ class Outbox:
             return
         destination = await self._destination(domain)
         try:
-            await send_smtp(raw, mail_from=row.mail_from, rcpt=address, destination=destination)
+            await sessions.send(raw, mail_from=row.mail_from, rcpt=address, destination=destination)
         except aiosmtplib.SMTPAuthenticationError:
             raise  # our credentials at the peer: retried, so fixing destinations.yaml is enough
         except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -176,11 +195,9 @@ class Outbox:
             raise PermanentFailure(f"no route to {domain}: not in the destination DB, no outbound.smarthost, "
                                    "relay.mx off (5.4.4)")
         try:
-            answer = await resolve_mx(domain)
-        except Exception as exc:  # NXDOMAIN is for good; timeouts and SERVFAIL are retried
-            if type(exc).__name__ == "NXDOMAIN":
-                raise PermanentFailure(f"{domain} does not exist in DNS (5.1.2)") from exc
-            raise
+            answer = await resolve_mx(domain)  # timeouts and SERVFAIL raise: retried
+        except NoSuchDomain:
+            raise PermanentFailure(f"{domain} does not exist in DNS (5.1.2)") from None
         mx = mx_destination(domain, answer)
         if mx is None:
             raise PermanentFailure(f"{domain} accepts no mail (null MX, 5.1.10)")
@@ -196,8 +213,40 @@ def next_retry(now: datetime, attempts: int, first: float, longest: float, deadl
     return min(now + timedelta(seconds=delay), deadline)
 
 
-async def send_smtp(raw: bytes, *, mail_from: str, rcpt: str, destination: Destination) -> None:
-    """One SMTP transaction to ``destination`` with its TLS mode and AUTH credentials."""
+class Sessions:
+    """SMTP sessions kept open through one batch of deliveries, so mail after mail to one
+    destination reuses its connection (and its STARTTLS and AUTH); closed when the batch is done."""
+
+    def __init__(self) -> None:
+        self._idle: dict[Destination, list[aiosmtplib.SMTP]] = {}
+
+    async def send(self, raw: bytes, *, mail_from: str, rcpt: str, destination: Destination) -> None:
+        idle = self._idle.setdefault(destination, [])
+        client = idle.pop() if idle else await open_session(destination)
+        try:
+            await client.sendmail(mail_from, [rcpt], raw)
+        except BaseException:  # a refused mail may leave the session in any state: start afresh
+            client.close()
+            raise
+        idle.append(client)
+
+    async def close(self) -> None:
+        clients = [c for idle in self._idle.values() for c in idle]
+        self._idle.clear()
+        await asyncio.gather(*(_quit(c) for c in clients))
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        await asyncio.wait_for(client.quit(), 5)
+    except Exception:  # the mail went through; a peer that hangs up first is fine
+        pass
+    finally:
+        client.close()
+
+
+async def open_session(destination: Destination) -> aiosmtplib.SMTP:
+    """A connected SMTP session to ``destination`` with its TLS mode and AUTH credentials."""
     host = destination.host
     context = tls_context(destination) if destination.tls is not TlsMode.NONE else None
     client = aiosmtplib.SMTP(hostname=host.host, port=host.port, timeout=30, start_tls=False,
@@ -208,7 +257,7 @@ async def send_smtp(raw: bytes, *, mail_from: str, rcpt: str, destination: Desti
             await client.starttls(server_hostname=destination.server_name or destination.domain, tls_context=context)
         if destination.login:
             await client.login(destination.login, destination.password or "")
-        await client.sendmail(mail_from, [rcpt], raw)
-        await client.quit()
-    finally:
+    except BaseException:
         client.close()
+        raise
+    return client

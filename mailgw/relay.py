@@ -23,8 +23,6 @@ a client that set it itself.
 from __future__ import annotations
 
 import asyncio
-import email.parser
-import email.policy
 import re
 import ssl
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, getaddresses, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .auth import Sender, Trust, same_person
 from .config import Config
@@ -46,7 +44,9 @@ from .store import OutboxEntry, OutboxRow, utcnow
 CALLER_HEADER = "X-Mailgw-Caller-Number"
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 _CALLER = re.compile(rb"^x-mailgw-caller-number:[ \t]*([+0-9]{1,21})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
-_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+# The monitor field's names (request.py: monitor, mon, 監視時間 in UTF-8), anywhere in the raw mail.
+_NAMES_MONITOR = re.compile(rb"(?i)monitor|\bmon\s*(?::|\xef\xbc\x9a)|\xe7\x9b\xa3\xe8\xa6\x96")
+_FROM = re.compile(rb"^from:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 
 
 def header_section(raw: bytes) -> bytes:
@@ -103,11 +103,13 @@ class RelayCopy:
 class Relay:
     """The relay decisions ingress asks for; the copies are stored with the mail (store.add_messages)."""
 
-    def __init__(self, config: Config, directory: Directory, destinations: Destinations, outbox_root: Path) -> None:
+    def __init__(self, config: Config, directory: Directory, destinations: Destinations, outbox_root: Path,
+                 wake: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.directory = directory
         self.destinations = destinations
         self.outbox_root = Path(outbox_root)
+        self.queued = wake  # called once copies are stored: the outbox worker sends them at once
 
     async def write(self, raw: bytes, copies: list[RelayCopy], *, queue_id: str, first: int, count: int,
                     mail_from: str, session: Any) -> list[tuple[OutboxEntry, str, datetime]]:
@@ -166,10 +168,12 @@ class Relay:
         """Who the mail is from; Refused when this client may not have it relayed."""
         if sender.trust is Trust.NONE:  # RCPT refused it already; never relay for strangers
             raise Refused(550, "5.7.1", "relaying denied: authenticate (SMTP AUTH after STARTTLS) first")
-        if sender.trust is not Trust.PEER and caller_number(raw) is not None:
+        if sender.trust is Trust.PEER:  # a peer delivers to this office only: no chains, no loops
+            raise Refused(550, "5.7.1", f"relaying denied: mail from the gateway of {sender.login} is not relayed on")
+        if caller_number(raw) is not None:
             raise Refused(550, "5.7.1", f"{CALLER_HEADER} is set by gateways, not by senders")
-        headers = _HEADERS.parsebytes(header_section(raw) + b"\r\n\r\n")
-        addresses = [a for _, a in getaddresses(headers.get_all("From") or []) if a]
+        lines = [m.group(1).decode("utf-8", "replace") for m in _FROM.finditer(header_section(raw))]
+        addresses = [a for _, a in getaddresses(lines) if a]
         author = normalise_address(addresses[0]) if addresses else normalise_address(mail_from) if mail_from else None
         if sender.trust is Trust.AUTHENTICATED and not same_person(sender.login or "", author or ""):
             raise Refused(550, "5.7.1", f"authenticated as {sender.login} but the mail is from {author or '<>'}: "
@@ -181,7 +185,10 @@ class Relay:
         return f"{CALLER_HEADER}: {external}\r\n".encode("ascii") if external else b""
 
     def _deadline(self, raw: bytes, mail_from: str, rcpt: str, now: datetime) -> datetime:
-        """The request's monitor time bounds its relaying; other mail gets ``relay.give_up_after``."""
+        """The monitor time a request names bounds its relaying; other mail gets
+        ``relay.give_up_after``. Mail that never spells the field is not parsed (most relayed mail)."""
+        if not _NAMES_MONITOR.search(raw):
+            return now + timedelta(seconds=self.config.relay.give_up_after)
         try:
             request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory,
                                     config=self.config, now=now)

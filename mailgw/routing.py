@@ -91,13 +91,20 @@ def mx_destination(domain: str, answer: list[tuple[int, str]]) -> Destination | 
     return Destination(domain, HostPort(exchange, 25), TlsMode.STARTTLS)
 
 
+class NoSuchDomain(Exception):
+    """DNS says the domain does not exist (NXDOMAIN): mail for it can never be delivered."""
+
+
 async def resolve_mx(domain: str) -> list[tuple[int, str]]:
-    """The MX records of ``domain`` via dnspython ([] when there are none)."""
+    """The MX records of ``domain`` via dnspython ([] when it has none); NoSuchDomain for NXDOMAIN.
+    Timeouts and server failures raise dnspython's own errors, which the outbox retries."""
     import dns.asyncresolver
     import dns.resolver
 
     try:
         answer = await dns.asyncresolver.resolve(domain, "MX")
-    except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+    except dns.resolver.NoAnswer:
         return []
+    except dns.resolver.NXDOMAIN:
+        raise NoSuchDomain(domain) from None
     return [(int(r.preference), r.exchange.to_text()) for r in answer]

@@ -343,3 +343,15 @@ async def test_queue_command_lists_retries_and_drops_relayed_mail(federation: Fe
         assert row.state == "dropped"
         assert (await cli())[1].strip() == "the outbound queue is empty"
         assert (await cli("retry", reply.queue_id))[0] == 1
+
+
+async def test_relay_queue_survives_a_restart_of_the_sending_gateway(federation: Federation) -> None:
+    async with federation.run(federation.config_a()) as a:
+        reply = await submit(a.smtp_port, request_mail("alice@a.example", "bob@b.example", "action: connect\n"))
+        assert reply.code == 250, reply
+        await wait_stage(a.store, reply.queue_id, "mail-deferred")
+    async with federation.run(federation.config_b()) as b, federation.run(federation.config_a()) as a:
+        await wait_stage(a.store, reply.queue_id, "relayed")
+        executed = await wait_message(b.store, lambda m: m.rcpt_to == "bob@b.example")
+        assert executed.outcome == "answered"
+        assert [m.rcpt_to for m in await b.store.list_messages()].count("bob@b.example") == 1
