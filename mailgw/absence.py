@@ -25,6 +25,17 @@ from enum import StrEnum
 class Reason(StrEnum):
     ABSENT = "absent"          # someone the call was for is in absence mode
     UNANSWERED = "unanswered"  # nobody answered and absence.notify_unanswered is on
+    MEMO = "memo"              # a colleague wrote a memo about the call
+
+
+@dataclass(frozen=True)
+class Recipients:
+    """Who may be told about a call: the customer's person in charge, else the representative."""
+
+    owner: str | None
+    owner_language: str | None
+    representative: str | None
+    representative_language: str
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,31 @@ def missed_call_notice(call: EndedCall, *, owner: str | None, owner_language: st
     if representative:
         return Notice(call.call_id, representative, representative_language, reason)
     return None
+
+
+def memo_notice(call_id: str, told: Recipients, text: str) -> Notice | None:
+    """A colleague's memo goes to the customer's person in charge, else the representative (seed
+    002, FIG. 10: the representative's address stands in when the customer has nobody)."""
+    if told.owner:
+        return Notice(call_id, told.owner, told.owner_language or told.representative_language, Reason.MEMO)
+    if told.representative:
+        return Notice(call_id, told.representative, told.representative_language, Reason.MEMO)
+    return None
+
+
+def memo_text(phrases: tuple[str, ...], picked: list[int], text: str) -> str:
+    """The memo: the fixed phrases picked (1-based numbers into ``phrases``), then free text.
+    ValueError naming a number that is not in the list, or when the memo would be empty."""
+    lines = []
+    for number in picked:
+        if not 1 <= number <= len(phrases):
+            raise ValueError(f"there is no phrase {number}; the phrases are 1-{len(phrases)}")
+        lines.append(phrases[number - 1])
+    if text.strip():
+        lines.append(text.strip())
+    if not lines:
+        raise ValueError("the memo is empty: give --phrase N or --text TEXT")
+    return "\n".join(lines)
 
 
 def subject_name(*, contact: str, customer: str, number: str, withheld: bool, language: str) -> str:

@@ -7,6 +7,10 @@
     mailgw absence clear USER          end it
     mailgw absence                     who is absent now
     mailgw calls [--limit N]           recent incoming calls (call history)
+    mailgw memo CALL [--phrase N]... [--text TEXT] [--by NAME]
+                                       a memo about a call (CALL: its id from `mailgw calls`, or
+                                       `last`), mailed to the customer's person in charge;
+                                       `mailgw memo --phrases` lists the fixed phrases
 
 ``USER`` is a mail address or a directory person's local part (``yamada``). ``--until`` takes an
 ISO 8601 time (``2026-12-24T18:00``, local time unless it says otherwise) or a duration (``2h``).
@@ -61,8 +65,20 @@ def register(subparsers: Any) -> None:
     _options(clear)
     clear.set_defaults(run=_clear_absent)
 
+    memo = subparsers.add_parser("memo", help="a memo about a call, mailed to the person in charge",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    memo.add_argument("call", nargs="?", help="the call's id (mailgw calls --ids) or 'last'")
+    memo.add_argument("--phrase", type=int, action="append", default=[], metavar="N",
+                      help="a fixed phrase by its number (repeatable; see --phrases)")
+    memo.add_argument("--text", default="", help="free text")
+    memo.add_argument("--by", default="", help="who took the call (default: the extension that answered)")
+    memo.add_argument("--phrases", action="store_true", help="list the fixed phrases and exit")
+    _options(memo)
+    memo.set_defaults(run=_memo)
+
     calls = subparsers.add_parser("calls", help="recent incoming calls (call history)")
     calls.add_argument("--limit", type=int, default=20)
+    calls.add_argument("--ids", action="store_true", help="show each call's id (for mailgw memo)")
     _options(calls)
     calls.set_defaults(run=_calls)
 
@@ -183,5 +199,49 @@ def _calls(args: argparse.Namespace) -> int:
                    "ringing" if r.ended_at is None else "missed")
         length = f"{(r.ended_at - r.started_at).total_seconds():.0f} s" if r.ended_at else "-"
         print(f"{r.started_at.astimezone():%Y-%m-%d %H:%M:%S}  {r.caller or 'withheld':16} "
-              f"rang {','.join(r.rung) or '-':12} {outcome:24} {length}")
+              f"rang {','.join(r.rung) or '-':12} {outcome:24} {length}" + (f"  {r.id}" if args.ids else ""))
     return 0
+
+
+def _memo(args: argparse.Namespace) -> int:
+    from .absence import memo_notice, memo_text
+    from .callhistory import recipients
+    from .store import NoticeRow
+
+    config = load_config(args.config, data_dir=args.data)
+    if args.phrases:
+        for language, phrases in config.absence.memo_phrases:
+            for number, phrase in enumerate(phrases, start=1):
+                print(f"{language} {number}: {phrase}")
+        return 0
+    if not args.call:
+        print("mailgw memo: name the call (its id from `mailgw calls --ids`, or 'last')", file=sys.stderr)
+        return EX_DATAERR
+    directory = load_directory(config.directory)
+
+    async def work(store: Any) -> tuple[int, str]:
+        if args.call == "last":
+            latest = await store.list_incoming(limit=1)
+            call = latest[0] if latest else None
+        else:
+            call = await store.incoming_call(args.call)
+        if call is None:
+            return EX_DATAERR, f"mailgw memo: no incoming call {args.call!r} (see mailgw calls --ids)"
+        customer = await store.customer(id=call.customer_id) if call.customer_id else None
+        told = recipients(config, directory, customer)
+        notice = memo_notice(call.id, told, "")
+        if notice is None:
+            return EX_DATAERR, "mailgw memo: nobody to send it to (no person in charge, no representative address)"
+        try:
+            text = memo_text(config.absence.phrases(notice.language), args.phrase, args.text)
+        except ValueError as exc:
+            return EX_DATAERR, f"mailgw memo: {exc}"
+        row = NoticeRow(call.id, notice.recipient, notice.language, notice.reason.value, kind="memo",
+                        memo=text + (f"\n-- {args.by}" if args.by else ""))
+        if not await store.add_memo(row):
+            return 1, f"mailgw memo: call {call.id} already has a memo"
+        return 0, f"memo on call {call.id} for {notice.recipient} recorded; the gateway mails it within seconds"
+
+    code, message = asyncio.run(_with_store(args, work))
+    print(message, file=sys.stderr if code else sys.stdout)
+    return code

@@ -49,28 +49,34 @@ class AbsenceMailer:
         self._wake.set()
 
     async def run(self) -> None:
-        """Send pending notices until cancelled; sleeps until ``wake()``."""
+        """Send pending notices until cancelled; sleeps until ``wake()`` or the next poll for
+        memos written by ``mailgw memo`` (another process), every ``absence.poll_interval``."""
         while True:
             self._wake.clear()
             pending = await self.store.pending_notices()
             for notice in pending:
                 await self._send(notice)
             if not pending:
-                await self._wake.wait()
+                try:
+                    async with asyncio.timeout(self.config.absence.poll_interval):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
 
     async def _send(self, notice: NoticeRow) -> None:
         call = await self.store.incoming_call(notice.call_id)
         if call is None:  # cannot happen (foreign key); recorded rather than retried forever
-            await self.store.notice_queued(notice.call_id, None, state="failed", detail="call not recorded")
+            await self.store.notice_queued(notice, None, state="failed", detail="call not recorded")
             return
         customer = await self.store.customer(id=call.customer_id) if call.customer_id else None
         history = await self.store.list_incoming(caller_key=call.caller_key, before=call.started_at,
                                                  limit=self.config.absence.history) if call.caller_key else []
         message = self.compose(notice, call, customer, history)
         entry = await self.outbox.prepare(message, rcpt_to=notice.recipient, request_id=None)
-        await self.store.notice_queued(notice.call_id, entry)
+        await self.store.notice_queued(notice, entry)
         self.outbox.wake()
-        log.info("missed call %s: mail to %s queued (%s)", call.id, notice.recipient, notice.reason)
+        log.info("%s %s: mail to %s queued (%s)", "memo on call" if notice.kind == "memo" else "missed call",
+                 call.id, notice.recipient, notice.reason)
 
     def compose(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
                 history: list[IncomingRow]) -> Message:
@@ -101,6 +107,8 @@ class AbsenceMailer:
         return {
             "call_id": call.id,
             "reason": notice.reason,
+            "memo": notice.memo,
+            "answered_by": self._person(call.answered_by) if call.answered_by else "",
             "who": subject_name(contact=customer.get("contact") or "", customer=customer.get("name") or "",
                                 number=number, withheld=withheld, language=language),
             "time": _local(call.started_at, "%H:%M"),
@@ -131,6 +139,6 @@ def _local(moment: datetime, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
 
 
 def _fallback(context: dict[str, Any]) -> tuple[str, str]:
-    return (f"Missed call: {context['who']} {context['time']}",
+    return (f"{'Call memo' if context['reason'] == 'memo' else 'Missed call'}: {context['who']} {context['time']}",
             f"Missed call at {context['started_at']} from {context['number'] or 'a withheld number'} "
             f"{context['tel']}\n")

@@ -19,7 +19,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any, Callable
 
-from .absence import Absence, EndedCall, absent_now, missed_call_notice
+from .absence import Absence, EndedCall, Recipients, absent_now, missed_call_notice
 from .config import Config
 from .customers import number_key
 from .directory import Directory
@@ -134,24 +134,33 @@ class CallHistory:
 
     def decide(self, call: IncomingCall, key: str | None, customer: dict[str, Any] | None,
                absent: frozenset[str]) -> NoticeRow | None:
-        owner = customer.get("owner_address") if customer else None
-        owner_person = self.directory.by_address(owner) if owner else None
-        representative = self.config.absence.representative or self.directory.representative
-        rep_person = self.directory.by_address(representative) if representative else None
+        told = recipients(self.config, self.directory, customer)
         rung_people = {ext: p.address for ext in call.rung if (p := self.directory.by_extension(ext))}
 
         def decide_for(representative: str | None) -> Any:
             return missed_call_notice(
-                EndedCall(call.call_id, key, call.rung, call.answered_by), owner=owner,
-                owner_language=(owner_person.language if owner_person else None) or (customer or {}).get("language"),
-                rung_people=rung_people, absent=absent, representative=representative,
-                representative_language=rep_person.language if rep_person else self.config.language,
+                EndedCall(call.call_id, key, call.rung, call.answered_by), owner=told.owner,
+                owner_language=told.owner_language, rung_people=rung_people, absent=absent,
+                representative=representative, representative_language=told.representative_language,
                 notify_unanswered=self.config.absence.notify_unanswered)
 
-        notice = decide_for(representative)
+        notice = decide_for(told.representative)
         if notice is None:
             if decide_for("representative@unset") is not None:  # a mail was due, but to nobody
                 log.warning("incoming call %s needs a missed-call mail but there is no representative address "
                             "(absence.representative or the directory's representative)", call.call_id)
             return None
         return NoticeRow(notice.call_id, notice.recipient, notice.language, notice.reason.value)
+
+
+def recipients(config: Config, directory: Directory, customer: dict[str, Any] | None) -> Recipients:
+    """Who is told about a call from ``customer`` (None: unknown or withheld), in which language."""
+    owner = customer.get("owner_address") if customer else None
+    owner_person = directory.by_address(owner) if owner else None
+    representative = config.absence.representative or directory.representative
+    rep_person = directory.by_address(representative) if representative else None
+    return Recipients(
+        owner=owner,
+        owner_language=(owner_person.language if owner_person else None) or (customer or {}).get("language"),
+        representative=representative,
+        representative_language=rep_person.language if rep_person else config.language)

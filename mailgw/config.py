@@ -188,6 +188,18 @@ class AbsenceConfig:
     representative: str | None = None  # mail for unknown / withheld callers; None: the directory's
     notify_unanswered: bool = False    # also mail unanswered calls when nobody is absent (claim 8)
     history: int = 5                   # earlier calls of the same caller shown in the mail
+    poll_interval: float = 2.0         # how soon a running gateway sends a memo from `mailgw memo`
+    # Fixed phrases a colleague picks for a memo (`mailgw memo --phrase N`), per language.
+    memo_phrases: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("en", ("Please call the customer back.", "Please call the office.", "The customer will call again.",
+                "No need to call back.")),
+        ("ja", ("お客様に電話してください。", "会社に電話してください。", "お客様から改めてお電話があります。",
+                "折り返しは不要です。")),
+    )
+
+    def phrases(self, language: str) -> tuple[str, ...]:
+        table = dict(self.memo_phrases)
+        return table.get(language) or table.get("en") or ()
 
 
 @dataclass(frozen=True)
@@ -375,7 +387,8 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         scenarios=_scenarios(_section(raw, "scenarios", {"dir", "reload_interval", "confirm_prompt"}), d.scenarios, base),
         relay=_relay(_section(raw, "relay", {"mx", "retry_interval", "max_retry_interval", "give_up_after",
                                              "max_hops"}), d.relay),
-        absence=_absence(_section(raw, "absence", {"enabled", "representative", "notify_unanswered", "history"}),
+        absence=_absence(_section(raw, "absence", {"enabled", "representative", "notify_unanswered", "history",
+                                                        "poll_interval", "memo_phrases"}),
                          d.absence),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
@@ -406,10 +419,16 @@ def _absence(raw: dict[str, Any], d: AbsenceConfig) -> AbsenceConfig:
     history = _int(raw, "history", d.history, "absence.")
     if history < 0:
         raise ConfigError("absence.history: must be 0 or more")
+    phrases = raw.get("memo_phrases", dict(d.memo_phrases))
+    if not isinstance(phrases, dict) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v) for k, v in phrases.items()):
+        raise ConfigError("absence.memo_phrases: must map a language to a list of phrases, e.g. {en: [...], ja: [...]}")
     return AbsenceConfig(
         enabled=_bool(raw, "enabled", d.enabled, "absence."),
         representative=representative.strip().lower() if representative else None,
-        notify_unanswered=_bool(raw, "notify_unanswered", d.notify_unanswered, "absence."), history=history)
+        notify_unanswered=_bool(raw, "notify_unanswered", d.notify_unanswered, "absence."), history=history,
+        poll_interval=_duration(raw.get("poll_interval"), d.poll_interval, "absence.poll_interval"),
+        memo_phrases=tuple((k, tuple(v)) for k, v in phrases.items()))
 
 
 def _campon(raw: dict[str, Any], d: CamponConfig) -> CamponConfig:

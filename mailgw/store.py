@@ -687,9 +687,7 @@ class Store:
              c.answered_by, _ts(c.answered_at), _ts(c.ended_at), c.cause, int(c.ended_unseen), c.customer_id))
             for c in calls]
         now = _ts(utcnow())
-        statements += [("INSERT OR IGNORE INTO absence_notices (call_id, recipient, language, reason, state,"
-                        " created_at, updated_at) VALUES (?,?,?,?,'pending',?,?)",
-                        (n.call_id, n.recipient, n.language, n.reason, now, now)) for n in notices]
+        statements += [_notice_insert(n, now) for n in notices]
         await self._commit(statements)
 
     async def open_incoming(self) -> list["IncomingRow"]:
@@ -760,21 +758,31 @@ class Store:
     async def pending_notices(self, limit: int = 200) -> list["NoticeRow"]:
         rows = await self._run(self._query, "SELECT * FROM absence_notices WHERE state = 'pending'"
                                " ORDER BY created_at, call_id LIMIT ?", (limit,))
-        return [NoticeRow(r["call_id"], r["recipient"], r["language"], r["reason"], r["state"]) for r in rows]
+        return [_notice(r) for r in rows]
 
-    async def notice_queued(self, call_id: str, mail: OutboxEntry | None, *, state: str = "queued",
+    async def add_memo(self, notice: "NoticeRow") -> bool:
+        """Record a colleague's memo on a call (sent by the mailer); False if the call has one already."""
+        rows = await self._run(self._query, "SELECT 1 FROM absence_notices WHERE call_id = ? AND kind = 'memo'",
+                               (notice.call_id,))
+        if rows:
+            return False
+        await self._commit([_notice_insert(notice, _ts(utcnow()))])
+        return True
+
+    async def notice_queued(self, notice: "NoticeRow", mail: OutboxEntry | None, *, state: str = "queued",
                             detail: str = "") -> None:
         """The notice's mail is in the outbox (one transaction with the outbox row), or it failed."""
         statements: Statements = [("UPDATE absence_notices SET state = ?, outbox_id = ?, detail = ?, updated_at = ?"
-                                   " WHERE call_id = ? AND state = 'pending'",
-                                   (state, mail.id if mail else None, detail, _ts(utcnow()), call_id))]
+                                   " WHERE call_id = ? AND kind = ? AND state = 'pending'",
+                                   (state, mail.id if mail else None, detail, _ts(utcnow()), notice.call_id,
+                                    notice.kind))]
         if mail is not None:
             statements += _outbox_insert(mail)
         await self._commit(statements)
 
     async def notices(self) -> list["NoticeRow"]:
         rows = await self._run(self._query, "SELECT * FROM absence_notices ORDER BY created_at, call_id")
-        return [NoticeRow(r["call_id"], r["recipient"], r["language"], r["reason"], r["state"]) for r in rows]
+        return [_notice(r) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -988,15 +996,18 @@ CREATE TABLE IF NOT EXISTS absences (
 );
 
 CREATE TABLE IF NOT EXISTS absence_notices (
-    call_id    TEXT PRIMARY KEY REFERENCES incoming_calls(id),  -- one mail per missed call
+    call_id    TEXT NOT NULL REFERENCES incoming_calls(id),
+    kind       TEXT NOT NULL DEFAULT 'missed',  -- missed (one per missed call) | memo (a colleague's note)
     recipient  TEXT NOT NULL,
     language   TEXT NOT NULL,
-    reason     TEXT NOT NULL,        -- absent | unanswered
+    reason     TEXT NOT NULL,        -- absent | unanswered | memo
+    memo       TEXT NOT NULL DEFAULT '',  -- the memo text (kind memo), with who wrote it
     state      TEXT NOT NULL,        -- pending (to compose) | queued (in the outbox) | failed
     outbox_id  TEXT,
     detail     TEXT NOT NULL DEFAULT '',
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (call_id, kind)
 );
 CREATE INDEX IF NOT EXISTS absence_notices_pending ON absence_notices(state) WHERE state = 'pending';
 """
@@ -1029,6 +1040,18 @@ class NoticeRow:
     language: str
     reason: str
     state: str = "pending"
+    kind: str = "missed"  # or memo
+    memo: str = ""
+
+
+def _notice_insert(n: NoticeRow, now: str | None) -> tuple[str, tuple[Any, ...]]:
+    return ("INSERT OR IGNORE INTO absence_notices (call_id, kind, recipient, language, reason, memo, state,"
+            " created_at, updated_at) VALUES (?,?,?,?,?,?,'pending',?,?)",
+            (n.call_id, n.kind, n.recipient, n.language, n.reason, n.memo, now, now))
+
+
+def _notice(r: sqlite3.Row) -> NoticeRow:
+    return NoticeRow(r["call_id"], r["recipient"], r["language"], r["reason"], r["state"], r["kind"], r["memo"])
 
 
 def _incoming(r: sqlite3.Row) -> IncomingRow:

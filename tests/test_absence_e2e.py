@@ -3,6 +3,7 @@ call history, absence mode, and the mail arriving at a real SMTP sink."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from dataclasses import replace
@@ -10,6 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
+from mailgw.cli import main
 from mailgw.config import Config
 
 from .absence_helpers import CallEnds, import_customers, place_incoming, write_directory
@@ -164,3 +168,27 @@ async def test_japanese_mail_is_utf8_and_reads_back_in_a_mail_parser(
         body = part.get_content()
         assert "不在時に電話がありました。" in body and "tel:+81611112222" in body and "06-1111-2222" in body
         assert "ご担当:   鈴木 花子 様" in body and "大阪市北区" in body
+
+
+async def test_memo_on_an_answered_call_is_mailed_to_the_person_in_charge(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
+    config = absence_config(make_config, tmp_path, poll_interval=0.05)
+    cli_config = tmp_path / "gateway.yaml"  # what `mailgw memo` reads: the same store and directory
+    cli_config.write_text(yaml.safe_dump({"data_dir": str(config.data_dir), "directory": str(config.directory)}))
+    async with running_gateway(config, sink) as gw:
+        await import_customers(gw, tmp_path)
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0312345678", "2001", answer="2001")
+        _, notice = await ends.wait(call_id)
+        assert notice is None  # Bob answered: no automatic mail
+        args = ["memo", "last", "--phrase", "1", "--text", "About the invoice.", "--config", str(cli_config)]
+        assert await asyncio.to_thread(main, args) == 0
+        assert await asyncio.to_thread(main, args) == 1  # one memo per call
+        assert await asyncio.to_thread(main, ["memo", "last", "--phrase", "9", "--config", str(cli_config)]) == 65
+        _, rcpt_tos, message = await sink.next()
+        assert rcpt_tos == ["tanaka@b.example"] and message["X-CTI-Call"] == call_id
+        assert message["Subject"].startswith("Call memo: Yamada Taro (XX Corp) ")
+        body = message.get_body(("plain",)).get_content().replace("\r\n", "\n")
+        assert body.startswith("Please call the customer back.\nAbout the invoice.\n")
+        assert "(taken by Bob Baker (2001))" in body and "nobody answered" not in body
+        assert [(n.kind, n.state) for n in await gw.store.notices()] == [("memo", "queued")]
