@@ -242,7 +242,7 @@ def _inbox(args: argparse.Namespace) -> int:
         return 1
     mail = mailbox.mark_seen(mails[args.read - 1])
     m = mail.message()
-    for name in ("From", "To", "Date", "Subject", "X-CTI-On-Read", "X-CTI-Request", "X-CTI-Outcome", "X-CTI-Status"):
+    for name in ("From", "To", "Reply-To", "Date", "Subject", "X-CTI-On-Read", "X-CTI-Request", "X-CTI-Outcome", "X-CTI-Status"):
         if m.get(name):
             print(f"{name}: {m[name]}")
     body = m.get_body(preferencelist=("plain",))

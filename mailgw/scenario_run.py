@@ -203,11 +203,16 @@ class _Run:
         assert self.request.to_number is not None  # check_scenario refused a scenario without 'to'
         return self.request.to_number
 
-    def fax_destination(self, written: str | None) -> str:
+    def fax_destination(self, written: str | None) -> tuple[str, str]:
+        """(the number to fax, how mails show it): the destination person's fax machine by default."""
         if written:
-            return self.destination(written)
+            number = self.destination(written)
+            return number, self.show(number)
         person = self.runner.notifier.directory.by_extension(self.destination(None))
-        return person.fax if person is not None and person.fax else self.destination(None)
+        if person is not None and person.fax:
+            shown = "(confidential)" if self.request.confidential else f"the fax of {person.name} ({person.fax})"
+            return person.fax, shown
+        return self.destination(None), self.show(self.destination(None))
 
     async def play(self, action: Play, path: str) -> StepResult:
         number = self.destination(action.to)
@@ -222,17 +227,17 @@ class _Run:
         return self.failed_call(result.outcome, number, result.cause)
 
     async def fax(self, action: Fax, path: str) -> StepResult:
-        number = self.fax_destination(action.to)
+        number, shown = self.fax_destination(action.to)
         prepared = self.media_for(action)
         call = lambda call_id: self.runner.pbx.send_fax(call_id, number, prepared.path, **self.ring())  # noqa: E731
         result = await self.place(path, number, call)
         if isinstance(result, StepResult):
             return result
         if result.outcome == CallOutcome.ANSWERED and result.pages:
-            return StepResult("answered", True, f"{self.show(number)} received {result.pages} of {prepared.pages} "
+            return StepResult("answered", True, f"{shown} received {result.pages} of {prepared.pages} "
                                                 f"page{'s' if prepared.pages != 1 else ''}")
         if result.outcome == CallOutcome.ANSWERED:
-            return StepResult("failed", False, f"{self.show(number)} answered but took no page (not a fax machine?)")
+            return StepResult("failed", False, f"{shown} answered but took no page (not a fax machine?)")
         return self.failed_call(result.outcome, number, result.cause)
 
     async def connect(self, action: Connect, path: str) -> StepResult:

@@ -113,6 +113,7 @@ async def test_fig43_voice_and_fax_at_once_then_ng_stops_before_connecting(gatew
     assert summary["X-CTI-Status"] == "5.0.0"
     body = summary.get_content()
     assert "stopped" in str(summary["Subject"]) and "the recipient answered NG" in body, body
+    assert "1.b2.1. fax: answered - the fax of Bob Baker (2009) received 1 of 1 page" in body
     assert [c for c in placed_calls(gateway) if c.to_number] == []  # not connected
 
 
