@@ -820,7 +820,7 @@ def _compose_yaml(text: str) -> yaml.MappingNode:
 def _inline_scenario(node: yaml.MappingNode, text: str) -> _Given:
     loader = yaml.SafeLoader("")
     try:
-        scenario = loader.construct_document(node)
+        loader.construct_document(node)  # only to refuse what YAML itself cannot read
     except yaml.YAMLError as exc:
         raise field_error("scenario", f"not a valid inline scenario ({getattr(exc, 'problem', None) or exc})") from None
     except RecursionError:

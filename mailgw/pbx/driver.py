@@ -825,6 +825,7 @@ class AskState:
     gone: bool = False  # the ;1 channel hung up
     digits: str | None = None  # the Read() variable's value
     read_status: str | None = None
+    to_twin = None  # no second party (what _route looks for)
 
 
 def apply_ask(state: AskState, msg: Message, now: datetime) -> None:
@@ -994,60 +995,33 @@ class AmiPbx:
 
     async def _ask(self, call_id: str, number: str, prompt: str, timeout: float, ring_timeout: float,
                    caller_id: str) -> AskResult:
-        state = AskState(call_id, datetime.now(timezone.utc))
-        loop = asyncio.get_running_loop()
-        changed = asyncio.Event()
-        action_id = self.client.next_action_id()
+        tracker = _Tracker(AskState(call_id, datetime.now(timezone.utc)), apply_ask)
 
         def feed(msg: Message) -> None:
-            if msg.event == "OriginateResponse" and msg.get("ActionID") != action_id:
-                return
-            apply_ask(state, msg, datetime.now(timezone.utc))
-            changed.set()
+            if msg.get("Uniqueid") == call_id:
+                tracker.feed(msg)
 
-        # One listener per question (they are rare); registered before the Originate goes out.
-        remove = self.client.add_listener(feed, "OriginateResponse", "VarSet", "Hangup")
-        lost = self.client.session_lost()
+        # VarSet is not among the routed events (Asterisk sends a great many); questions are rare,
+        # so each has its own listener, registered before the Originate goes out.
+        remove = self.client.add_listener(feed, "VarSet")
         try:
-            reply = await self.client.action("Originate", [
-                ("ActionID", action_id),
+            outcome, digit, cause = await self._originate(tracker, [
                 ("Channel", f"Local/{number}@{self.config.dial_context}"),
                 ("Application", "Read"),
                 ("Data", f"{ASK_VARIABLE},{prompt},1,,1,{max(1, round(timeout))}"),
                 ("Timeout", str(int(ring_timeout * 1000))),
                 ("CallerID", caller_id),
-                ("Async", "true"),
-                ("ChannelId", call_id),
-                ("OtherChannelId", f"{call_id}-2"),
-            ])
-            if not reply.ok:
-                raise PbxError(f"Originate refused: {reply.message}")
-            deadline = loop.time() + ring_timeout + timeout + PROMPT_ALLOWANCE + self.connect_margin
-            grace_until: float | None = None
-            while (verdict := decide_ask(state, grace_over=grace_until is not None
-                                         and loop.time() >= grace_until)) is None:
-                if grace_until is None and decide_ask(state, grace_over=True) is not None:
-                    grace_until = loop.time() + self.cause_grace
-                if lost.done():
-                    raise PbxError(f"AMI connection lost during call {call_id}; its outcome is unknown")
-                if loop.time() >= deadline:
-                    raise PbxError(f"call {call_id}: no answer to the question in time")
-                changed.clear()
-                wake = deadline if grace_until is None else min(deadline, grace_until)
-                waiter = asyncio.ensure_future(changed.wait())
-                await asyncio.wait((waiter, lost), timeout=max(0.0, wake - loop.time()),
-                                   return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+            ], ring_timeout + timeout + PROMPT_ALLOWANCE + self.connect_margin, decide_ask)
         finally:
             remove()
-        outcome, digit, cause = verdict
+        state = tracker.state
         log.debug("call %s: asked %s: %s, key %s", call_id, number, outcome.value, digit or "-")
         return AskResult(call_id=call_id, outcome=outcome, digit=digit, cause=cause, started_at=state.started_at,
                          answered_at=state.answered_at if outcome is CallOutcome.ANSWERED else None,
                          ended_at=datetime.now(timezone.utc))
 
     async def _originate(self, tracker: _Tracker, fields: list[Field], bound: float,
-                         decide_by: Callable[..., Any]) -> tuple[CallOutcome, Party | None, int | None]:
+                         decide_by: Callable[..., Any]) -> tuple[CallOutcome, Any, int | None]:
         """One async Originate whose ``;1`` / ``;2`` get the Uniqueids ``<call_id>`` / ``<call_id>-2``,
         with its events routed to ``tracker`` until ``decide_by`` knows the outcome."""
         call_id = tracker.state.call_id
