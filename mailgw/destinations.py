@@ -10,8 +10,9 @@ federates with (seed 004, embodiments 2 and 3):
 * ``own_numbers`` (FIG. 8/18, internal/external conversion): this office's external number ranges
   and the extensions they reach;
 * per peer, ``accept``: the SMTP AUTH login (and its ``mailgw passwd`` hash) the peer's gateway
-  must use when it relays to us. Requests from a peer domain with ``accept`` are executed only
-  when they come from that authenticated peer.
+  must use when it relays to us, and/or the DKIM key its relayed mail must be signed with.
+  Requests from a peer domain with ``accept`` are executed only with every proof configured;
+* ``sign``: this gateway's own DKIM key, to sign what it relays.
 
 Loading gives frozen dataclasses; the decisions over them are plain functions here and in
 ``routing.py``. Unknown keys are errors, like in gateway.yaml.
@@ -25,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, HostPort, PolicyConfig, _hostport, _no_unknown
+from .config import ConfigError, DkimKey, HostPort, PolicyConfig, _hostport, _no_unknown
 from .numbering import Network
 from .policy import PatternError, check_number, compile_pattern, matches
 from .request import ExchangeRequest
@@ -44,6 +45,16 @@ class PeerAcceptance:
 
     login: str | None = None                   # SMTP AUTH user name the peer logs in with ...
     secret: str | None = field(default=None, repr=False)  # ... and its scrypt hash (mailgw passwd)
+    dkim: DkimKey | None = None                # and/or: its mail is DKIM-signed by its domain with this key
+
+
+@dataclass(frozen=True)
+class Signing:
+    """This gateway DKIM-signs the mail it relays (``sign:``), so peers can check it came from us."""
+
+    domain: str
+    selector: str
+    private_key: bytes = field(repr=False)  # PEM
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,12 @@ class Destinations:
     peers: tuple[Destination, ...] = ()
     numbers: tuple[NumberRoute, ...] = ()
     own_numbers: tuple[OwnRange, ...] = ()
+    sign: Signing | None = None
+
+    @property
+    def dkim_keys(self) -> tuple[DkimKey, ...]:
+        """The peers' DKIM keys: mail claiming their domains must carry their valid signature."""
+        return tuple(p.accept.dkim for p in self.peers if p.accept.dkim is not None)
 
     def peer(self, domain: str) -> Destination | None:
         return next((p for p in self.peers if p.domain == domain.lower()), None)
@@ -130,7 +147,7 @@ def load_destinations(path: Path | None) -> Destinations:
     raw = read_yaml(path, ConfigError) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    _no_unknown(raw, {"destinations", "numbers", "own_numbers"}, "")
+    _no_unknown(raw, {"destinations", "numbers", "own_numbers", "sign"}, "")
     base = Path(path).resolve().parent
     peers = raw.get("destinations") or {}
     if not isinstance(peers, dict):
@@ -139,7 +156,19 @@ def load_destinations(path: Path | None) -> Destinations:
         peers=tuple(_peer(str(domain).lower(), entry or {}, base) for domain, entry in peers.items()),
         numbers=tuple(_number_route(i, e) for i, e in enumerate(_list(raw, "numbers"), start=1)),
         own_numbers=tuple(_own_range(i, e) for i, e in enumerate(_list(raw, "own_numbers"), start=1)),
+        sign=_signing(raw["sign"], base) if raw.get("sign") is not None else None,
     )
+
+
+def _signing(raw: Any, base: Path) -> Signing:
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), str) and raw[k] for k in ("domain", "selector", "key")):
+        raise ConfigError("sign: needs domain, selector and key (a PEM file with the RSA private key)")
+    _no_unknown(raw, {"domain", "selector", "key"}, "sign.")
+    try:
+        pem = (base / raw["key"]).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"sign.key: cannot read {raw['key']}: {exc.strerror}") from None
+    return Signing(raw["domain"].lower(), raw["selector"], pem)
 
 
 def _list(raw: dict[str, Any], key: str) -> list[Any]:
@@ -179,10 +208,17 @@ def _peer(domain: str, entry: Any, base: Path) -> Destination:
 def _acceptance(raw: Any, domain: str, where: str) -> PeerAcceptance:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}.accept: must be a mapping")
-    _no_unknown(raw, {"login", "secret"}, f"{where}.accept.")
+    _no_unknown(raw, {"login", "secret", "dkim"}, f"{where}.accept.")
     if bool(raw.get("login")) != bool(raw.get("secret")):
         raise ConfigError(f"{where}.accept: login and secret go together (secret from `mailgw passwd`)")
-    return PeerAcceptance(login=raw.get("login"), secret=raw.get("secret"))
+    dkim = raw.get("dkim")
+    key = None
+    if dkim is not None:
+        if not isinstance(dkim, dict) or not dkim.get("selector") or not dkim.get("public_key"):
+            raise ConfigError(f"{where}.accept.dkim: needs selector and public_key (the p= of its DKIM record)")
+        _no_unknown(dkim, {"selector", "public_key"}, f"{where}.accept.dkim.")
+        key = DkimKey(domain, str(dkim["selector"]), "".join(str(dkim["public_key"]).split()))
+    return PeerAcceptance(login=raw.get("login"), secret=raw.get("secret"), dkim=key)
 
 
 def _number_route(index: int, entry: Any) -> NumberRoute:

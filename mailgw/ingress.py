@@ -25,7 +25,7 @@ from .media import MediaError, MediaLimits, check_message
 from .request import ExchangeRequest, PartKind, describe, parse_request
 from .inquiry import answer_token, parse_answer
 from .mdn import token_of
-from .relay import Relay, RelayCopy, caller_number
+from .relay import Relay, RelayCopy
 from .routing import route_recipient
 from .scenario_library import ScenarioLibrary, scenario_for
 from .spool import Spool, new_id
@@ -167,7 +167,7 @@ class IngressHandler:
             return self.campons.parse_reply(raw, mail_from, rcpt)
         relay = self.relay
         request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config,
-                                caller_number=caller_number(raw) if sender.trust is Trust.PEER else None)
+                                caller_number=relay.vouched_caller(raw, sender) if relay is not None else None)
         if request is not None and relay is not None:
             relay.check_peer_request(request, sender)
             request = localise(request, relay.destinations.own_numbers, self.config.policy)
@@ -186,7 +186,7 @@ class IngressHandler:
                          raw: bytes) -> ExchangeRequest | None:
         """The request if it may make the PBX act; None when it is only to be delivered as mail."""
         person = self.directory.by_address(request.sender)
-        keys = self.config.security.dkim
+        keys = self.config.security.dkim + (self.relay.destinations.dkim_keys if self.relay is not None else ())
         dkim_domains = frozenset(k.domain for k in keys)
         # Only mail claiming a listed domain pays for the RSA check.
         signed_by = dkim_signer(raw, keys) if request.sender.rpartition("@")[2].lower() in dkim_domains else None

@@ -55,6 +55,9 @@ def test_the_shipped_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"numbers": [{"pattern": "04[9-1]X", "domain": "b.example"}]}, "numbers[1].pattern"),
     ({"own_numbers": [{"external": "03-5555", "digits": 4}]}, "own_numbers[1]"),
     ({"peers": {}}, "peers"),
+    ({"sign": {"domain": "a.example", "selector": "mail"}}, "sign: needs domain, selector and key"),
+    ({"sign": {"domain": "a.example", "selector": "mail", "key": "missing.pem"}}, "sign.key: cannot read"),
+    ({"destinations": {"b.example": {"host": "h:25", "accept": {"dkim": {"selector": "s"}}}}}, "needs selector and public_key"),
 ])
 def test_bad_destination_db_names_the_key(tmp_path: Path, data: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

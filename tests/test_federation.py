@@ -71,19 +71,34 @@ class Federation:
     a: Office
     b: Office
 
-    def config_a(self, **relay: object) -> Config:
-        dests = write_yaml(self.a.root / "destinations.yaml", {
-            "destinations": {"b.example": peer_entry(self.b, login="a.example", password=PEER_A_PASSWORD,
-                                                     accept_login="b.example", accept_password=PEER_B_PASSWORD)},
-            "numbers": [{"pattern": "044890XXXX", "domain": "b.example"}],
-            "own_numbers": [{"external": "035555", "digits": 4}],   # 03-5555-2000 reaches 2000
-        })
+    def config_a(self, *, sign: bytes | None = None, login: bool = True, **relay: object) -> Config:
+        """Gateway a; ``sign``: a's DKIM private key (PEM) to sign what it relays; ``login``: AUTH at b."""
+        peer_b = peer_entry(self.b, login="a.example", password=PEER_A_PASSWORD, accept_login="b.example",
+                            accept_password=PEER_B_PASSWORD)
+        if not login:
+            del peer_b["login"], peer_b["password"]
+        db: dict = {"destinations": {"b.example": peer_b},
+                    "numbers": [{"pattern": "044890XXXX", "domain": "b.example"}],
+                    "own_numbers": [{"external": "035555", "digits": 4}]}   # 03-5555-2000 reaches 2000
+        if sign is not None:
+            self.a.root.mkdir(parents=True, exist_ok=True)
+            (self.a.root / "dkim.pem").write_bytes(sign)
+            db["sign"] = {"domain": "a.example", "selector": "mail", "key": "dkim.pem"}
+        dests = write_yaml(self.a.root / "destinations.yaml", db)
         return self._config(self.a, dests, None, relay)
 
-    def config_b(self, *, accept_password: str = PEER_A_PASSWORD, **relay: object) -> Config:
+    def config_b(self, *, accept_password: str = PEER_A_PASSWORD, accept_login: bool = True,
+                 accept_dkim: str | None = None, **relay: object) -> Config:
+        """Gateway b; it accepts a's relayed requests with AUTH (``accept_login``) and/or a's DKIM
+        signature (``accept_dkim``: a's public key)."""
+        peer_a = peer_entry(self.a, login="b.example", password=PEER_B_PASSWORD, accept_login="a.example",
+                            accept_password=accept_password)
+        if not accept_login:
+            del peer_a["accept"]
+        if accept_dkim is not None:
+            peer_a.setdefault("accept", {})["dkim"] = {"selector": "mail", "public_key": accept_dkim}
         dests = write_yaml(self.b.root / "destinations.yaml", {
-            "destinations": {"a.example": peer_entry(self.a, login="b.example", password=PEER_B_PASSWORD,
-                                                     accept_login="a.example", accept_password=accept_password)},
+            "destinations": {"a.example": peer_a},
             "numbers": [{"pattern": "035555XXXX", "domain": "a.example"}],
             "own_numbers": [{"external": "044890", "digits": 4}],   # 044-890-2001 reaches 2001
         })
@@ -115,9 +130,26 @@ def federation(tmp_path: Path, make_config: Callable[..., Config], sink: Sink) -
 
 
 @contextlib.asynccontextmanager
-async def both(federation: Federation, **b_options: object) -> AsyncIterator[tuple[Gateway, Gateway]]:
-    async with federation.run(federation.config_b(**b_options)) as b, federation.run(federation.config_a()) as a:
+async def both(federation: Federation, a_options: dict | None = None,
+               **b_options: object) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    async with federation.run(federation.config_b(**b_options)) as b, \
+            federation.run(federation.config_a(**(a_options or {}))) as a:
         yield a, b
+
+
+@pytest.fixture(scope="module")
+def a_dkim_key() -> tuple[bytes, str]:
+    """Gateway a's DKIM key pair: the private key PEM and the public key as a DNS p= value."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, base64.b64encode(public).decode()
 
 
 async def wait_message(store: Store, predicate: Callable[[MessageRow], bool], *, state: str | None = "done",
@@ -355,3 +387,39 @@ async def test_relay_queue_survives_a_restart_of_the_sending_gateway(federation:
         executed = await wait_message(b.store, lambda m: m.rcpt_to == "bob@b.example")
         assert executed.outcome == "answered"
         assert [m.rcpt_to for m in await b.store.list_messages()].count("bob@b.example") == 1
+
+
+# --- DKIM as the peer's proof -----------------------------------------------------------------------
+
+async def test_peer_proven_by_dkim_alone(federation: Federation, a_dkim_key: tuple[bytes, str]) -> None:
+    """b checks a's DKIM signature instead of a login: a signs what it relays, and connects without AUTH."""
+    private, public = a_dkim_key
+    async with both(federation, {"sign": private, "login": False}, accept_login=False, accept_dkim=public) as (a, b):
+        reply = await submit(a.smtp_port, request_mail("alice@a.example", "bob@b.example", "action: connect\n"))
+        assert reply.code == 250, reply
+        executed = await wait_message(b.store, lambda m: m.rcpt_to == "bob@b.example")
+        assert executed.outcome == "answered"
+        # The caller header is under a's signature, so b believed it.
+        assert [(c.from_number, c.to_number) for c in placed_calls(b)] == [("0355552000", "2001")]
+        relayed = b.spool.path_for(executed.id).read_bytes()
+        assert b"\r\nDKIM-Signature: " in relayed and b"d=a.example" in relayed
+
+        # Straight to b without a's signature (b trusts no network): refused, nothing rings.
+        forged = await submit(b.smtp_port, request_mail("alice@a.example", "cti@b.example",
+                                                        "to: 2003\nfrom: 0355552000\n"))
+        assert (forged.code, forged.text[:5]) == (550, "5.7.1") and "DKIM" in forged.text, forged
+        assert len(placed_calls(b)) == 1
+
+
+async def test_peer_needing_both_proofs_refuses_an_unsigned_relay(federation: Federation,
+                                                                  a_dkim_key: tuple[bytes, str]) -> None:
+    """b wants AUTH and DKIM; a logs in but does not sign: b refuses, and Alice gets b's 5.7.1 back."""
+    _, public = a_dkim_key
+    async with both(federation, accept_dkim=public) as (a, b):
+        reply = await submit(a.smtp_port, request_mail("alice@a.example", "bob@b.example", "action: connect\n"))
+        assert reply.code == 250, reply
+        await wait_stage(a.store, reply.queue_id, "mail-failed")
+        await wait_stage(a.store, reply.queue_id, "notified")
+        [dsn] = [m for m in maildir_messages(a, "alice@a.example") if m.get_content_type() == "multipart/report"]
+        assert dsn.get_payload()[1].get_payload()[1]["Status"] == "5.7.1"
+        assert placed_calls(b) == []
