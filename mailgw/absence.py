@@ -18,7 +18,7 @@ The rule (claims 1-3 and 8 of seed 002):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 
@@ -121,6 +121,54 @@ def memo_text(phrases: tuple[str, ...], picked: list[int], text: str) -> str:
     if not lines:
         raise ValueError("the memo is empty: give --phrase N or --text TEXT")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DigestPreference:
+    """A person's wish to get missed calls batched: one mail per ``calls`` missed calls, or for
+    what has waited ``every`` seconds, whichever comes first (``absence.digests``)."""
+
+    calls: int | None = None
+    every: float | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What the sending plan needs of a pending notice."""
+
+    key: tuple[str, str]  # (call id, kind)
+    recipient: str
+    kind: str             # missed | memo
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Batch:
+    keys: tuple[tuple[str, str], ...]
+    digest: bool
+
+
+def plan_sending(pending: list[Pending], digests: dict[str, DigestPreference],
+                 now: datetime) -> tuple[list[Batch], datetime | None]:
+    """Which pending notices to send now (alone, or together as a digest), and when the next
+    digest falls due. Memos, and missed calls of people without a digest preference, go at once."""
+    batches: list[Batch] = []
+    waiting: dict[str, list[Pending]] = {}
+    for p in pending:
+        if p.kind == "missed" and p.recipient in digests:
+            waiting.setdefault(p.recipient, []).append(p)
+        else:
+            batches.append(Batch((p.key,), digest=False))
+    next_due: datetime | None = None
+    for recipient, group in waiting.items():
+        pref = digests[recipient]
+        oldest = min(p.created_at for p in group)
+        due_at = oldest + timedelta(seconds=pref.every) if pref.every is not None else None
+        if (pref.calls is not None and len(group) >= pref.calls) or (due_at is not None and now >= due_at):
+            batches.append(Batch(tuple(p.key for p in group), digest=True))
+        elif due_at is not None:
+            next_due = due_at if next_due is None else min(next_due, due_at)
+    return batches, next_due
 
 
 def subject_name(*, contact: str, customer: str, number: str, withheld: bool, language: str) -> str:

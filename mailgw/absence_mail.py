@@ -24,13 +24,13 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from .absence import subject_name
+from .absence import DigestPreference, Pending, plan_sending, subject_name
 from .config import Config
 from .customers import display_number
 from .directory import Directory
 from .notify import LANGUAGES, Notifier
 from .outbound import Outbox
-from .store import IncomingRow, NoticeRow, Store
+from .store import IncomingRow, NoticeRow, Store, utcnow
 
 log = logging.getLogger("mailgw.absence")
 
@@ -51,32 +51,81 @@ class AbsenceMailer:
     async def run(self) -> None:
         """Send pending notices until cancelled; sleeps until ``wake()`` or the next poll for
         memos written by ``mailgw memo`` (another process), every ``absence.poll_interval``."""
+        digests = {address: DigestPreference(calls, every) for address, calls, every in self.config.absence.digests}
         while True:
             self._wake.clear()
-            pending = await self.store.pending_notices()
-            for notice in pending:
-                await self._send(notice)
-            if not pending:
-                try:
-                    async with asyncio.timeout(self.config.absence.poll_interval):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+            pending = {(n.call_id, n.kind): n for n in await self.store.pending_notices()}
+            batches, next_due = plan_sending(
+                [Pending(key, n.recipient, n.kind, n.created_at or utcnow()) for key, n in pending.items()],
+                digests, utcnow())
+            for batch in batches:
+                notices = [pending[key] for key in batch.keys]
+                if batch.digest:
+                    await self._send_digest(notices)
+                else:
+                    await self._send(notices[0])
+            if batches:
+                continue
+            timeout = self.config.absence.poll_interval
+            if next_due is not None:
+                timeout = min(timeout, max(0.0, (next_due - utcnow()).total_seconds()))
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
 
     async def _send(self, notice: NoticeRow) -> None:
         call = await self.store.incoming_call(notice.call_id)
         if call is None:  # cannot happen (foreign key); recorded rather than retried forever
-            await self.store.notice_queued(notice, None, state="failed", detail="call not recorded")
+            await self.store.notice_queued([notice], None, state="failed", detail="call not recorded")
             return
         customer = await self.store.customer(id=call.customer_id) if call.customer_id else None
         history = await self.store.list_incoming(caller_key=call.caller_key, before=call.started_at,
                                                  limit=self.config.absence.history) if call.caller_key else []
         message = self.compose(notice, call, customer, history)
         entry = await self.outbox.prepare(message, rcpt_to=notice.recipient, request_id=None)
-        await self.store.notice_queued(notice, entry)
+        await self.store.notice_queued([notice], entry)
         self.outbox.wake()
         log.info("%s %s: mail to %s queued (%s)", "memo on call" if notice.kind == "memo" else "missed call",
                  call.id, notice.recipient, notice.reason)
+
+    async def _send_digest(self, notices: list[NoticeRow]) -> None:
+        """One mail for several missed calls of one person (``absence.digests``)."""
+        entries = []
+        for notice in notices:
+            call = await self.store.incoming_call(notice.call_id)
+            if call is None:
+                continue
+            customer = await self.store.customer(id=call.customer_id) if call.customer_id else None
+            entries.append(self.context(notice, call, customer, [], notice.language))
+        first = notices[0]
+        language = first.language if first.language in LANGUAGES else "en"
+        context = {"calls": entries, "count": len(entries), "recipient": first.recipient,
+                   "domain": self.config.domains[0],
+                   "first_time": entries[0]["time"] if entries else "", "last_time": entries[-1]["time"] if entries else ""}
+        try:
+            subject, body = self.notifier.render(f"absence_digest.{language}.txt", context)
+        except (TemplateError, OSError, ValueError) as exc:
+            log.error("template absence_digest.%s.txt failed (%s); using the built-in wording", language, exc)
+            subject = f"Missed calls: {len(entries)}"
+            body = "".join(f"{e['started_at']}  {e['who']}  {e['tel']}\n" for e in entries)
+        message = self._message(first.recipient, subject, body)
+        message["X-CTI-Calls"] = ", ".join(e["call_id"] for e in entries)
+        entry = await self.outbox.prepare(message, rcpt_to=first.recipient, request_id=None)
+        await self.store.notice_queued(notices, entry)
+        self.outbox.wake()
+        log.info("digest of %d missed call(s): mail to %s queued", len(entries), first.recipient)
+
+    def _message(self, recipient: str, subject: str, body: str) -> Message:
+        message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
+        message["From"] = formataddr(("mailgw", self.config.sender_address))
+        message["To"] = recipient
+        message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
+        message["Date"] = format_datetime(datetime.now().astimezone())
+        message["Message-ID"] = make_msgid(domain=self.config.domains[0])
+        message["Auto-Submitted"] = "auto-generated"  # RFC 3834: a notice, no auto-replies to it
+        return message
 
     def compose(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
                 history: list[IncomingRow]) -> Message:
@@ -87,13 +136,7 @@ class AbsenceMailer:
         except (TemplateError, OSError, ValueError) as exc:
             log.error("template absence.%s.txt failed (%s); using the built-in wording", language, exc)
             subject, body = _fallback(context)
-        message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
-        message["From"] = formataddr(("mailgw", self.config.sender_address))
-        message["To"] = notice.recipient
-        message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
-        message["Date"] = format_datetime(datetime.now().astimezone())
-        message["Message-ID"] = make_msgid(domain=self.config.domains[0])
-        message["Auto-Submitted"] = "auto-generated"  # RFC 3834: a notice, no auto-replies to it
+        message = self._message(notice.recipient, subject, body)
         message["X-CTI-Call"] = call.id
         message["X-CTI-Caller"] = call.caller_key or call.caller or "withheld"
         return message

@@ -197,6 +197,9 @@ class AbsenceConfig:
                 "折り返しは不要です。")),
     )
 
+    # Batched missed-call mail per person: address -> (calls, every seconds); see absence.DigestPreference.
+    digests: tuple[tuple[str, int | None, float | None], ...] = ()
+
     def phrases(self, language: str) -> tuple[str, ...]:
         table = dict(self.memo_phrases)
         return table.get(language) or table.get("en") or ()
@@ -388,7 +391,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         relay=_relay(_section(raw, "relay", {"mx", "retry_interval", "max_retry_interval", "give_up_after",
                                              "max_hops"}), d.relay),
         absence=_absence(_section(raw, "absence", {"enabled", "representative", "notify_unanswered", "history",
-                                                        "poll_interval", "memo_phrases"}),
+                                                        "poll_interval", "memo_phrases", "digests"}),
                          d.absence),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
@@ -423,7 +426,18 @@ def _absence(raw: dict[str, Any], d: AbsenceConfig) -> AbsenceConfig:
     if not isinstance(phrases, dict) or not all(
             isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v) for k, v in phrases.items()):
         raise ConfigError("absence.memo_phrases: must map a language to a list of phrases, e.g. {en: [...], ja: [...]}")
+    digests = []
+    for address, pref in (raw.get("digests") or {}).items():
+        where = f"absence.digests.{address}"
+        if not isinstance(pref, dict) or not pref or set(pref) - {"calls", "every"}:
+            raise ConfigError(f"{where}: give calls: N and/or every: DURATION")
+        calls = _int(pref, "calls", 0, where + ".") or None
+        every = _duration(pref.get("every"), 0.0, where + ".every") or None
+        if calls is not None and calls < 1:
+            raise ConfigError(f"{where}.calls: must be at least 1")
+        digests.append((str(address).strip().lower(), calls, every))
     return AbsenceConfig(
+        digests=tuple(digests),
         enabled=_bool(raw, "enabled", d.enabled, "absence."),
         representative=representative.strip().lower() if representative else None,
         notify_unanswered=_bool(raw, "notify_unanswered", d.notify_unanswered, "absence."), history=history,

@@ -755,9 +755,9 @@ class Store:
         rows = await self._run(self._query, "SELECT * FROM absences ORDER BY address")
         return [(r["address"], _dt(r["since"]), _dt(r["until"]), r["note"], r["source"]) for r in rows]  # type: ignore[misc]
 
-    async def pending_notices(self, limit: int = 200) -> list["NoticeRow"]:
+    async def pending_notices(self, limit: int = 2000) -> list["NoticeRow"]:
         rows = await self._run(self._query, "SELECT * FROM absence_notices WHERE state = 'pending'"
-                               " ORDER BY created_at, call_id LIMIT ?", (limit,))
+                               " ORDER BY created_at, call_id LIMIT ?", (limit,))  # oldest first
         return [_notice(r) for r in rows]
 
     async def add_memo(self, notice: "NoticeRow") -> bool:
@@ -769,13 +769,15 @@ class Store:
         await self._commit([_notice_insert(notice, _ts(utcnow()))])
         return True
 
-    async def notice_queued(self, notice: "NoticeRow", mail: OutboxEntry | None, *, state: str = "queued",
+    async def notice_queued(self, notices: list["NoticeRow"], mail: OutboxEntry | None, *, state: str = "queued",
                             detail: str = "") -> None:
-        """The notice's mail is in the outbox (one transaction with the outbox row), or it failed."""
+        """The notices' mail (one each, or one digest for all) is in the outbox: one transaction
+        with the outbox row. Or, with ``mail`` None, they failed."""
+        now = _ts(utcnow())
         statements: Statements = [("UPDATE absence_notices SET state = ?, outbox_id = ?, detail = ?, updated_at = ?"
                                    " WHERE call_id = ? AND kind = ? AND state = 'pending'",
-                                   (state, mail.id if mail else None, detail, _ts(utcnow()), notice.call_id,
-                                    notice.kind))]
+                                   (state, mail.id if mail else None, detail, now, n.call_id, n.kind))
+                                  for n in notices]
         if mail is not None:
             statements += _outbox_insert(mail)
         await self._commit(statements)
@@ -1042,6 +1044,7 @@ class NoticeRow:
     state: str = "pending"
     kind: str = "missed"  # or memo
     memo: str = ""
+    created_at: datetime | None = None
 
 
 def _notice_insert(n: NoticeRow, now: str | None) -> tuple[str, tuple[Any, ...]]:
@@ -1051,7 +1054,8 @@ def _notice_insert(n: NoticeRow, now: str | None) -> tuple[str, tuple[Any, ...]]
 
 
 def _notice(r: sqlite3.Row) -> NoticeRow:
-    return NoticeRow(r["call_id"], r["recipient"], r["language"], r["reason"], r["state"], r["kind"], r["memo"])
+    return NoticeRow(r["call_id"], r["recipient"], r["language"], r["reason"], r["state"], r["kind"], r["memo"],
+                     _dt(r["created_at"]))
 
 
 def _incoming(r: sqlite3.Row) -> IncomingRow:

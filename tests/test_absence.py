@@ -128,3 +128,30 @@ async def test_absence_command_sets_and_clears_by_address_or_local_part(
     assert "nobody is absent" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["absence", "set", "nobody-here", *data]) == 65
     assert "not a mail address or a person in the directory" in capsys.readouterr().err
+
+
+def test_sending_plan_batches_missed_calls_of_people_with_a_digest() -> None:
+    from mailgw.absence import DigestPreference, Pending, plan_sending
+
+    def p(n: int, recipient: str, kind: str = "missed", age: float = 0.0) -> Pending:
+        return Pending((f"c{n}", kind), recipient, kind, NOW - timedelta(seconds=age))
+
+    digests = {"t@x": DigestPreference(calls=3, every=600.0)}
+    batches, next_due = plan_sending([p(1, "t@x", age=60), p(2, "d@x"), p(3, "t@x", kind="memo")], digests, NOW)
+    assert [(b.keys, b.digest) for b in batches] == [((("c2", "missed"),), False), ((("c3", "memo"),), False)]
+    assert next_due == NOW + timedelta(seconds=540)
+    batches, _ = plan_sending([p(1, "t@x"), p(2, "t@x"), p(3, "t@x")], digests, NOW)  # by count
+    assert [(len(b.keys), b.digest) for b in batches] == [(3, True)]
+    batches, _ = plan_sending([p(1, "t@x", age=601)], digests, NOW)  # by period
+    assert [(len(b.keys), b.digest) for b in batches] == [(1, True)]
+
+
+def test_digest_preferences_in_the_config(tmp_path: Path) -> None:
+    from mailgw.config import ConfigError, load_config
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text("absence: {digests: {Tanaka@B.example: {calls: 5, every: 1h}, bob@b.example: {every: 30m}}}\n")
+    assert load_config(path).absence.digests == (("tanaka@b.example", 5, 3600.0), ("bob@b.example", None, 1800.0))
+    path.write_text("absence: {digests: {bob@b.example: {hourly: true}}}\n")
+    with pytest.raises(ConfigError, match="absence.digests.bob@b.example: give calls"):
+        load_config(path)

@@ -192,3 +192,44 @@ async def test_memo_on_an_answered_call_is_mailed_to_the_person_in_charge(
         assert body.startswith("Please call the customer back.\nAbout the invoice.\n")
         assert "(taken by Bob Baker (2001))" in body and "nobody answered" not in body
         assert [(n.kind, n.state) for n in await gw.store.notices()] == [("memo", "queued")]
+
+
+async def test_digest_by_count_sends_one_mail_for_every_n_missed_calls(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
+    config = absence_config(make_config, tmp_path, digests=(("tanaka@b.example", 2, None),))
+    async with running_gateway(config, sink) as gw:
+        await import_customers(gw, tmp_path)
+        await set_absent(gw, "tanaka@b.example")
+        ends = CallEnds(gw)
+        first = await place_incoming(gw, "0312345678", "2000", answer="nobody")
+        await ends.wait(first)
+        assert [n.state for n in await gw.store.notices()] == ["pending"]  # waits for a second call
+        second = await place_incoming(gw, None, "2000", answer="nobody")  # withheld: the representative's
+        third = await place_incoming(gw, "0312345679", "2000", answer="nobody")  # XX Corp's fax line
+        await ends.wait(second)
+        await ends.wait(third)
+        mails = {tuple(rcpt_tos): message for _, rcpt_tos, message in [await sink.next(), await sink.next()]}
+        assert set(mails) == {("desk@b.example",), ("tanaka@b.example",)}
+        assert mails[("desk@b.example",)]["X-CTI-Call"] == second  # the desk has no digest preference
+        digest = mails[("tanaka@b.example",)]
+        assert digest["X-CTI-Calls"] == f"{first}, {third}"
+        assert digest["Subject"].startswith("Missed calls: 2 (")
+        body = digest.get_body(("plain",)).get_content()
+        assert "1. " in body and "2. " in body and body.count("Yamada Taro (XX Corp)") == 2
+        assert "tel:+81312345678" in body and "tel:+81312345679" in body
+        assert {n.state for n in await gw.store.notices()} == {"queued"}
+
+
+async def test_digest_by_period_sends_what_has_waited_long_enough(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
+    config = absence_config(make_config, tmp_path, digests=(("tanaka@b.example", 10, 0.3),))
+    async with running_gateway(config, sink) as gw:
+        await import_customers(gw, tmp_path)
+        await set_absent(gw, "tanaka@b.example")
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0312345678", "2000", answer="nobody")
+        _, notice = await ends.wait(call_id)
+        assert notice is not None
+        _, rcpt_tos, digest = await sink.next()  # one call of ten, sent once 0.3 s have passed
+        assert rcpt_tos == ["tanaka@b.example"] and digest["X-CTI-Calls"] == call_id
+        assert digest["Subject"].startswith("Missed calls: 1 (")
