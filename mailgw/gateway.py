@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from dataclasses import replace
 
@@ -140,6 +141,9 @@ class Gateway:
 async def serve(config: Config, stop: asyncio.Event) -> None:
     gateway = Gateway(config)
     await gateway.start()
+    # Everything loaded so far (modules, config, directory, number plans) lives as long as the
+    # process: keep it out of the collector's full passes, which otherwise pause the loop ~50 ms.
+    gc.freeze()
     try:
         await stop.wait()
     finally:

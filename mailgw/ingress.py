@@ -123,10 +123,10 @@ class IngressHandler:
             relay_rows = await self.relay.write(raw, relayed, queue_id=queue_id, first=len(requests) + 1,
                                                 count=count, mail_from=mail_from, session=session) \
                 if relayed and self.relay is not None else []
-            if entries:
-                path = await asyncio.to_thread(self.spool.store, queue_id, raw)
-                entries = [replace(e, spool_path=path) for e in entries]
-            await self.store.add_messages(entries, relayed=relay_rows)
+            # The raw mail goes to the spool inside the store's group commit: fsynced, with its
+            # folder, before the rows that name it are committed; 250 only after both.
+            spooled = [(self.spool.path_for(queue_id), raw)] if entries else []
+            await self.store.add_messages(entries, relayed=relay_rows, files=spooled)
         except Exception:  # disk full, database locked, ...: the sender's MTA will try again
             log.exception("could not store message %s", queue_id)
             return ascii_reply(TEMPORARY_FAILURE)

@@ -21,6 +21,15 @@ def new_id() -> str:
 def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: int | None = None) -> Path:
     """Write ``data`` to ``path`` so that it survives a crash once this returns. With ``gid`` the
     file is readable and writable by that group (0660) before it appears under its name."""
+    write_in_place(path, data, tmp_dir=tmp_dir, gid=gid)
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_in_place(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: int | None = None) -> Path:
+    """``write_durably`` without the final fsync of the folder: the file is whole and synced under
+    its name, but its name is durable only once ``fsync_folders`` ran for its folder. For writing
+    several files with one fsync per folder (the store's group commit)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = (tmp_dir or path.parent) / f".{path.name}.{secrets.token_hex(4)}.tmp"
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +46,13 @@ def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: 
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
     return path
+
+
+def fsync_folders(folders: set[Path]) -> None:
+    """Make the names written by ``write_in_place`` in these folders durable."""
+    for folder in folders:
+        _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:

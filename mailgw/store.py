@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
+
+from .spool import fsync_folders, write_in_place
 
 T = TypeVar("T")
 Statements = list[tuple[str, tuple[Any, ...]]]
+Files = Sequence[tuple[Path, bytes]]  # written durably before a transaction's rows (spooled mail)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -193,7 +196,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         # Called on the event loop after a stage is durably recorded: (request_id, stage, detail).
         self.stage_listeners: list[Callable[[str, str, str], None]] = []
-        self._pending: list[tuple[Statements, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Statements, Files, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -224,15 +227,17 @@ class Store:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _commit(self, statements: Statements) -> None:
+    async def _commit(self, statements: Statements, files: Files = ()) -> None:
         """Commit ``statements`` as one atomic transaction, durably, then tell stage listeners.
+        ``files`` are written and fsynced (with their folders) first: the rows may point at them.
 
         Group commit: transactions that arrive while a batch is being written wait for the next
-        batch and share its single fsync. Each keeps its own atomicity through a SAVEPOINT, so one
-        failing transaction does not take the others with it.
+        batch and share its single fsync (and one fsync per folder for their files). Each keeps
+        its own atomicity through a SAVEPOINT, so one failing transaction does not take the
+        others with it.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((statements, done))
+        self._pending.append((statements, files, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="store-group-commit")
         await done
@@ -245,10 +250,10 @@ class Store:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                errors = await self._run(self._write_batch, [statements for statements, _ in batch])
+                errors = await self._run(self._write_batch, [(statements, files) for statements, files, _ in batch])
             except BaseException as exc:  # the COMMIT itself failed: nothing of the batch is durable
                 errors = [exc] * len(batch)
-            for (_, done), error in zip(batch, errors):
+            for (_, _, done), error in zip(batch, errors):
                 if done.done():
                     continue
                 if error is None:
@@ -256,21 +261,30 @@ class Store:
                 else:
                     done.set_exception(error)
 
-    def _write_batch(self, batch: list[Statements]) -> list[BaseException | None]:
+    def _write_batch(self, batch: list[tuple[Statements, Files]]) -> list[BaseException | None]:
         assert self._db is not None
-        errors: list[BaseException | None] = []
+        errors: list[BaseException | None] = [None] * len(batch)
+        folders: set[Path] = set()
+        for index, (_, files) in enumerate(batch):
+            try:
+                for path, data in files:
+                    write_in_place(path, data)
+                    folders.add(path.parent)
+            except OSError as exc:  # disk full, ...: this transaction fails, the others go on
+                errors[index] = exc
+        fsync_folders(folders)  # every file durable under its name before any row that names it
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for statements in batch:
+            for index, (statements, _) in enumerate(batch):
+                if errors[index] is not None:
+                    continue
                 self._db.execute("SAVEPOINT one")
                 try:
                     for sql, params in statements:
                         self._db.execute(sql, params)
                 except sqlite3.Error as exc:
                     self._db.execute("ROLLBACK TO one")
-                    errors.append(exc)
-                else:
-                    errors.append(None)
+                    errors[index] = exc
                 self._db.execute("RELEASE one")
             self._db.execute("COMMIT")
         except BaseException:
@@ -285,9 +299,10 @@ class Store:
     # --- messages -------------------------------------------------------------------------------
 
     async def add_messages(self, messages: list[NewMessage],
-                           relayed: Iterable[tuple[OutboxEntry, str, datetime]] = ()) -> None:
+                           relayed: Iterable[tuple[OutboxEntry, str, datetime]] = (), files: Files = ()) -> None:
         """Record accepted messages durably (with their 'received' stage), and the copies relayed
-        to other offices (outbox entry, peer domain, deadline), all or nothing."""
+        to other offices (outbox entry, peer domain, deadline), all or nothing. ``files`` (the
+        raw mail in the spool) are fsynced first, in the same group commit and thread hop."""
         now = _ts(utcnow())
         statements: list[tuple[str, tuple[Any, ...]]] = _relay_inserts(relayed)
         for m in messages:
@@ -299,7 +314,7 @@ class Store:
             ))
             statements.append(("INSERT INTO stages VALUES (?,?,?,?)", (m.id, now, "received", "")))
             statements += [("INSERT INTO rings VALUES (?,?,?)", (number, now, m.id)) for number in m.rings]
-        await self._commit(statements)
+        await self._commit(statements, files)
 
     async def get_message(self, message_id: str) -> MessageRow | None:
         rows = await self._run(self._query, "SELECT * FROM messages WHERE id = ?", (message_id,))

@@ -66,6 +66,30 @@ async def test_group_commit_keeps_each_transaction_atomic(tmp_path: Path) -> Non
         await store.close()
 
 
+async def test_spooled_files_share_the_group_commit_and_fail_alone(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    spool = Spool(tmp_path / "spool")
+    (tmp_path / "not-a-folder").write_text("a file where the spool folder should be")
+    try:
+        def message(i: int, path: Path) -> NewMessage:
+            return NewMessage(f"q{i}", "a@x.example", "b@a.example", path, 5, "request", "a@x.example", {})
+        good = [(spool.path_for(f"q{i}"), f"raw {i}".encode()) for i in range(3)]
+        bad = tmp_path / "not-a-folder" / "q9.eml"
+        # Submitted together, these share one batch: the unwritable file fails its own mail only.
+        results = await asyncio.gather(
+            *(store.add_messages([message(i, path)], files=[(path, data)]) for i, (path, data) in enumerate(good)),
+            store.add_messages([message(9, bad)], files=[(bad, b"raw 9")]),
+            return_exceptions=True)
+        assert results[:3] == [None, None, None] and isinstance(results[3], OSError)
+        rows = {row.id: row for row in await store.unfinished_messages()}
+        assert sorted(rows) == ["q0", "q1", "q2"]
+        assert [rows[f"q{i}"].spool_path.read_bytes() for i in range(3)] == [b"raw 0", b"raw 1", b"raw 2"]
+        assert not list(spool.root.glob(".*.tmp"))  # written under a temporary name, then renamed
+    finally:
+        await store.close()
+
+
 def test_maildir_delivery_and_reading_marks_seen(tmp_path: Path) -> None:
     delivered = mailbox.deliver(tmp_path, "bob@a.example", b"Subject: hello\r\n\r\nhi\r\n")
     assert delivered.parent.name == "new"
