@@ -120,7 +120,7 @@ class CallHistory:
                 absent = absent_now([Absence(a, since, until, note, source)
                                      for a, since, until, note, source in await self.store.absences()],
                                     datetime.now(UTC))
-            notice = self.decide(call, key, customer, absent)
+            notice = self.decide(call, key, customer, absent | await self._in_dnd(call))
             if notice is not None:
                 notices.append(notice)
             log.info("incoming call %s from %s ended: %s%s", call.call_id, "withheld" if call.caller is None else
@@ -131,6 +131,22 @@ class CallHistory:
             self.on_notice()
         for listener in tuple(self.listeners):
             listener(rows, notices)
+
+    async def _in_dnd(self, call: IncomingCall) -> frozenset[str]:
+        """People whose rung phone is set to do-not-disturb on the PBX: absent too."""
+        if call.answered_by is not None:
+            return frozenset()
+        people = set()
+        for extension in call.rung:
+            person = self.directory.by_extension(extension)
+            if person is None:
+                continue
+            try:
+                if await self.pbx.dnd(extension):
+                    people.add(person.address)
+            except (PbxError, ValueError) as exc:  # the PBX is away: absence mode from the store only
+                log.warning("cannot ask the PBX whether %s is in do-not-disturb: %s", extension, exc)
+        return frozenset(people)
 
     def decide(self, call: IncomingCall, key: str | None, customer: dict[str, Any] | None,
                absent: frozenset[str]) -> NoticeRow | None:

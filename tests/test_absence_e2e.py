@@ -233,3 +233,22 @@ async def test_digest_by_period_sends_what_has_waited_long_enough(
         _, rcpt_tos, digest = await sink.next()  # one call of ten, sent once 0.3 s have passed
         assert rcpt_tos == ["tanaka@b.example"] and digest["X-CTI-Calls"] == call_id
         assert digest["Subject"].startswith("Missed calls: 1 (")
+
+
+async def test_do_not_disturb_on_the_phone_counts_as_absent(make_config: Callable[..., Config], sink: Sink,
+                                                            tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await import_customers(gw, tmp_path)
+        assert gw.pbx is not None
+        reply = await gw.pbx.client.action("SimPhone", Phone="2000", Behaviour="dnd")  # Tanaka presses DND
+        assert reply.ok, reply
+        assert await gw.pbx.dnd("2000") and not await gw.pbx.dnd("2001")  # AstDB DND/2000, over AMI
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0312345678", "2000")
+        _, notice = await ends.wait(call_id)
+        assert notice is not None and notice.recipient == "tanaka@b.example" and notice.reason == "absent"
+        _, rcpt_tos, message = await sink.next()
+        assert rcpt_tos == ["tanaka@b.example"] and message["X-CTI-Call"] == call_id
+        assert (await gw.pbx.client.action("SimPhone", Phone="2000", Behaviour="no-answer")).ok  # DND off
+        _, notice = await ends.wait(await place_incoming(gw, "0312345678", "2000"))
+        assert notice is None

@@ -1272,3 +1272,12 @@ class AmiPbx:
             self._tell_incoming(ended[-1])
         return ended
 
+    async def dnd(self, extension: str) -> bool:
+        """Whether the phone is set to do-not-disturb: AstDB ``DND/<ext>`` (where FreePBX keeps it)
+        holds a value. Absence mode counts a phone in DND as an absent person."""
+        check_number(extension)
+        reply = await self.client.list_action("DBGet", Family="DND", Key=extension)
+        if not reply.response.ok:  # "Database entry not found"
+            return False
+        return any((ev.get("Val") or "").strip() for ev in reply.events if ev.event == "DBGetResponse")
+

@@ -736,6 +736,12 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         phone.spec = with_behaviour(phone.spec, behaviour, answer_after, talk_time,
                                     None if digit is None else (parse_digit(digit, "digit") or ""))
         self._pinned.add(number)
+        # Do-not-disturb is also kept where FreePBX keeps it, AstDB DND/<ext> = YES, so a client
+        # (the gateway's absence mode) can read it with DBGet as on a real PBX.
+        if behaviour is Behaviour.DND:
+            self.astdb[f"/DND/{number}"] = "YES"
+        else:
+            self.astdb.pop(f"/DND/{number}", None)
         self._device_changed(phone, before)
         return phone
 
