@@ -24,11 +24,9 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from pytimeparse2 import parse as parse_seconds
 
 from .config import load_config
 from .customers import parse_customers, read_entries
@@ -142,12 +140,14 @@ def resolve_user(args: argparse.Namespace) -> str | None:
 
 
 def parse_until(text: str, now: datetime) -> datetime:
-    """``2h`` → now + 2 h; ``2026-12-24T18:00`` → that time (local unless an offset is given)."""
-    seconds = parse_seconds(text)
-    if seconds is not None:
-        return now + timedelta(seconds=float(seconds))
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.astimezone()
+    """``2h`` → now + 2 h; ``18:00`` → the next 18:00; ``2026-12-24T18:00`` → then (local time
+    unless an offset is given). As the ``absent until ...`` mail command reads it."""
+    from .absence_mailcmd import parse_until as read_until
+
+    until = read_until(text.split(), now)
+    if until is None:
+        raise ValueError("no time given")
+    return until
 
 
 def _set_absent(args: argparse.Namespace) -> int:

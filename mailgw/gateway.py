@@ -15,6 +15,7 @@ import logging
 from dataclasses import replace
 
 from .absence_mail import AbsenceMailer
+from .absence_mailcmd import AbsenceByMail
 from .callhistory import CallHistory
 from .campon import Campons
 from .config import Config
@@ -92,6 +93,8 @@ class Gateway:
         handler = IngressHandler(self.config, self.directory, self.store, self.spool, self.dispatcher.submit)
         handler.campons = self.campons
         handler.scenarios = self.scenarios
+        if self.config.absence.enabled:
+            handler.absence = AbsenceByMail(self.config, self.directory, self.store, self.outbox, notifier)
         handler.relay = Relay(self.config, self.directory, self.destinations, self.outbox.root, self.outbox.wake)
         self._server = await start_smtp(handler, self.config)
         log.info("mailgw listening for SMTP on %s:%d for %s; PBX %s at %s:%d", self.config.smtp.listen.host,

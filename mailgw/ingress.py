@@ -56,6 +56,7 @@ class IngressHandler:
 
     campons: Any = None  # camp-on hook (mailgw.campon.Campons), set by the gateway
     scenarios: ScenarioLibrary | None = None  # stored scenarios, set by the gateway
+    absence: Any = None  # "absent" / "back" mail commands (mailgw.absence_mailcmd.AbsenceByMail)
     relay: Relay | None = None  # relaying to other offices (mailgw.relay), set by the gateway
 
     def __init__(self, config: Config, directory: Directory, store: Store, spool: Spool,
@@ -84,11 +85,15 @@ class IngressHandler:
         mail_from = envelope.mail_from or ""
         sender = session_sender(session, self.config.security.trusted_networks)
         relayed: list[RelayCopy] = []
+        absence_commands = []
         try:
             if self.relay is not None:
                 self.relay.check_hops(raw)
             requests = []
             for rcpt in envelope.rcpt_tos:
+                if self.absence is not None and (command := self.absence.parse(raw, rcpt, sender)) is not None:
+                    absence_commands.append(command)  # done (durably) below, before 250
+                    continue
                 if self.relay is not None and self.relay.is_relayed(rcpt):
                     relayed.append(self.relay.for_recipient(raw, mail_from=mail_from, rcpt=rcpt, sender=sender,
                                                             now=utcnow()))
@@ -120,6 +125,8 @@ class IngressHandler:
         entries = [self._entry(queue_id, index, count, mail_from, rcpt, request, raw)
                    for index, (rcpt, request) in enumerate(requests, start=1)]
         try:
+            for command in absence_commands:
+                await self.absence.apply(command)
             relay_rows = await self.relay.write(raw, relayed, queue_id=queue_id, first=len(requests) + 1,
                                                 count=count, mail_from=mail_from, session=session) \
                 if relayed and self.relay is not None else []

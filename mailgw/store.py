@@ -753,16 +753,20 @@ class Store:
         rows = await self._run(self._query, "SELECT COUNT(*) FROM customers")
         return int(rows[0][0])
 
-    async def set_absence(self, address: str, *, until: datetime | None, note: str, source: str) -> None:
+    async def set_absence(self, address: str, *, until: datetime | None, note: str, source: str,
+                          mail: OutboxEntry | None = None) -> None:
+        """Absence mode on (with ``mail``, its confirmation queued in the same transaction)."""
         now = _ts(utcnow())
-        await self._commit([("INSERT INTO absences (address, since, until, note, source) VALUES (?,?,?,?,?)"
-                             " ON CONFLICT(address) DO UPDATE SET since = excluded.since, until = excluded.until,"
-                             " note = excluded.note, source = excluded.source",
-                             (address, now, _ts(until), note, source))])
+        statements: Statements = [(
+            "INSERT INTO absences (address, since, until, note, source) VALUES (?,?,?,?,?)"
+            " ON CONFLICT(address) DO UPDATE SET since = excluded.since, until = excluded.until,"
+            " note = excluded.note, source = excluded.source", (address, now, _ts(until), note, source))]
+        await self._commit(statements + (_outbox_insert(mail) if mail else []))
 
-    async def clear_absence(self, address: str) -> bool:
+    async def clear_absence(self, address: str, *, mail: OutboxEntry | None = None) -> bool:
         rows = await self._run(self._query, "SELECT 1 FROM absences WHERE address = ?", (address,))
-        await self._commit([("DELETE FROM absences WHERE address = ?", (address,))])
+        await self._commit([("DELETE FROM absences WHERE address = ?", (address,)),
+                            *(_outbox_insert(mail) if mail else [])])
         return bool(rows)
 
     async def absences(self) -> list[tuple[str, datetime, datetime | None, str, str]]:

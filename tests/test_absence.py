@@ -103,6 +103,8 @@ def test_endpoint_of_a_channel_name(channel: str, name: str) -> None:
 
 def test_until_takes_durations_and_times() -> None:
     assert parse_until("2h", NOW) == NOW + timedelta(hours=2)
+    evening = parse_until("18:00", NOW)  # the next 18:00 local time, not 18 minutes
+    assert evening.astimezone().strftime("%H:%M") == "18:00" and NOW < evening <= NOW + timedelta(days=1)
     assert parse_until("2026-12-24T18:00+09:00", NOW) == datetime(2026, 12, 24, 9, tzinfo=UTC)
     with pytest.raises(ValueError):
         parse_until("someday", NOW)

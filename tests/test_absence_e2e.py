@@ -17,7 +17,7 @@ from mailgw.cli import main
 from mailgw.config import Config
 
 from .absence_helpers import CallEnds, import_customers, place_incoming, write_directory
-from .conftest import Sink, running_gateway
+from .conftest import Sink, request_mail, running_gateway, submit
 
 
 def absence_config(make_config: Callable[..., Config], tmp_path: Path, **absence: object) -> Config:
@@ -252,3 +252,43 @@ async def test_do_not_disturb_on_the_phone_counts_as_absent(make_config: Callabl
         assert (await gw.pbx.client.action("SimPhone", Phone="2000", Behaviour="no-answer")).ok  # DND off
         _, notice = await ends.wait(await place_incoming(gw, "0312345678", "2000"))
         assert notice is None
+
+
+async def test_absent_and_back_by_mail_to_the_service_mailbox(make_config: Callable[..., Config], sink: Sink,
+                                                              tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        reply = await submit(gw.smtp_port, request_mail("tanaka@b.example", "cti@a.example", "absent until 18:00\n"))
+        assert reply.code == 250, reply
+        [(address, _, until, _, source)] = await gw.store.absences()
+        assert (address, source) == ("tanaka@b.example", "mail") and until is not None
+        assert until.astimezone().strftime("%H:%M") == "18:00"
+        _, rcpt_tos, confirmation = await sink.next()
+        assert rcpt_tos == ["tanaka@b.example"]
+        assert confirmation["Subject"].startswith("Absence mode on until ") and confirmation["Subject"].endswith("18:00")
+
+        reply = await submit(gw.smtp_port, request_mail("yamada@b.example", "cti@a.example", "ｆｕｚａｉ\n不在　２ｈ\n"))
+        assert reply.code == 550 and "5.6.0" in reply.text  # "fuzai" is not a command: no request either
+        reply = await submit(gw.smtp_port, request_mail("yamada@b.example", "cti@a.example", "不在 2h\n"))
+        assert reply.code == 250, reply
+        _, rcpt_tos, confirmation = await sink.next()
+        assert rcpt_tos == ["yamada@b.example"] and confirmation["Subject"].startswith("不在モード開始（")
+        reply = await submit(gw.smtp_port, request_mail("stranger@c.example", "cti@a.example", "absent\n"))
+        assert reply.code == 550 and "only people in the directory" in reply.text
+        reply = await submit(gw.smtp_port, request_mail("tanaka@b.example", "cti@a.example", "absent until noon\n"))
+        assert reply.code == 550 and "5.6.0" in reply.text
+
+        reply = await submit(gw.smtp_port, request_mail("tanaka@b.example", "cti@a.example", "back\n"))
+        assert reply.code == 250, reply
+        assert [a[0] for a in await gw.store.absences()] == ["yamada@b.example"]
+        _, _, confirmation = await sink.next()
+        assert confirmation["Subject"] == "Absence mode off: welcome back"
+
+
+async def test_absence_by_mail_needs_a_known_sender(make_config: Callable[..., Config], sink: Sink,
+                                                    tmp_path: Path) -> None:
+    config = absence_config(make_config, tmp_path)
+    config = replace(config, security=replace(config.security, trusted_networks=()))  # loopback is no proof
+    async with running_gateway(config, sink) as gw:
+        reply = await submit(gw.smtp_port, request_mail("tanaka@b.example", "cti@a.example", "absent\n"))
+        assert reply.code == 550 and "5.7.1" in reply.text and "SMTP AUTH" in reply.text
+        assert await gw.store.absences() == []

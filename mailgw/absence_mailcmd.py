@@ -1,0 +1,172 @@
+"""Absence mode by mail: ``absent`` / ``back`` sent to a service mailbox (``cti@a.example``).
+
+The first line of the mail's text is the command (a phone can write it):
+
+    absent                      absence mode on, until cleared
+    absent until 18:00          ... until then (today, or tomorrow when that time has passed)
+    absent until 2026-12-24T18:00 / absent 2h
+    back                        absence mode off
+
+Japanese works too: 不在 (absent), 在席 / 戻り (back); full-width letters and digits are folded.
+Only a person in the directory may do it, for themselves, and only when the gateway knows the mail
+is theirs: SMTP AUTH as that address, or a client in ``security.trusted_networks``; anyone else is
+refused at DATA with ``550 5.7.1``. The change is committed before ``250`` together with a short
+confirmation mail to the person (``templates/absence_mode.<language>.txt``).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import logging
+import unicodedata
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.header import Header
+from email.mime.text import MIMEText
+from email.utils import format_datetime, formataddr, make_msgid, parseaddr
+from typing import Any
+
+from jinja2 import TemplateError
+from pytimeparse2 import parse as parse_seconds
+
+from .auth import Sender, Trust
+from .directory import Directory, Person, normalise_address
+from .status import Refused
+
+ABSENT_WORDS = frozenset({"absent", "away", "不在"})
+BACK_WORDS = frozenset({"back", "present", "在席", "戻り", "帰社"})
+MAX_LINES = 20
+log = logging.getLogger("mailgw.absence")
+
+
+@dataclass(frozen=True)
+class AbsenceCommand:
+    person: Person
+    absent: bool
+    until: datetime | None = None
+
+
+def command_words(raw: bytes) -> list[str] | None:
+    """The words of the first non-empty text line, NFKC- and case-folded; None when the mail is
+    automatic or has no text."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    if (message.get("Auto-Submitted") or "no").strip().lower() != "no":
+        return None
+    body = message.get_body(preferencelist=("plain",))
+    if body is None:
+        return None
+    try:
+        text = body.get_content()
+    except (LookupError, ValueError):
+        return None
+    for line in text.splitlines()[:MAX_LINES]:
+        words = unicodedata.normalize("NFKC", line).strip().lower().split()
+        if words:
+            return words
+    return None
+
+
+def parse_until(words: list[str], now: datetime) -> datetime | None:
+    """``until 18:00``, ``until 2026-12-24T18:00``, ``2h``, ``until 2h``; ValueError if unreadable."""
+    if not words:
+        return None
+    if words[0] == "until":
+        words = words[1:]
+    text = " ".join(words).replace("まで", "").strip()
+    if not text:
+        raise ValueError("until what? e.g. 'absent until 18:00' or 'absent 2h'")
+    local = now.astimezone()
+    try:  # a time of day first: "18:00" would also read as a duration of 18 minutes
+        clock = datetime.strptime(text, "%H:%M").time()
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            seconds = parse_seconds(text)
+            if seconds is None:
+                raise ValueError(f"{text!r} is no time (18:00, 2026-12-24T18:00) or duration (2h)") from None
+            return now + timedelta(seconds=float(seconds))
+        return moment if moment.tzinfo else moment.astimezone()
+    moment = local.replace(hour=clock.hour, minute=clock.minute, second=0, microsecond=0)
+    return moment if moment > local else moment + timedelta(days=1)
+
+
+def parse_absence_command(raw: bytes, directory: Directory, now: datetime) -> AbsenceCommand | None:
+    """The command in ``raw``, None when it is no absence command; Refused when it is one that
+    cannot be used (sender not in the directory, unreadable time)."""
+    words = command_words(raw)
+    if not words or (words[0] not in ABSENT_WORDS and words[0] not in BACK_WORDS):
+        return None
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    address = normalise_address(parseaddr(str(message.get("From") or ""))[1] or "")
+    person = directory.by_address(address) if address else None
+    if person is None:
+        raise Refused(550, "5.7.1", f"{words[0]}: only people in the directory have an absence mode")
+    if words[0] in BACK_WORDS:
+        return AbsenceCommand(person, absent=False)
+    try:
+        until = parse_until(words[1:], now)
+    except ValueError as exc:
+        raise Refused(550, "5.6.0", f"absent: {exc} (write e.g. 'absent until 18:00' or 'absent 2h')") from None
+    if until is not None and until <= now:
+        raise Refused(550, "5.6.0", "absent: that time has passed")
+    return AbsenceCommand(person, absent=True, until=until)
+
+
+def check_sender(command: AbsenceCommand, sender: Sender) -> None:
+    """Only the person themself, known to be them, may change their absence mode."""
+    if sender.trust is Trust.AUTHENTICATED and sender.login == command.person.address:
+        return
+    if sender.trust is Trust.TRUSTED_NETWORK:
+        return
+    raise Refused(550, "5.7.1", f"absence mode of {command.person.address} can only be changed by them, "
+                                "after SMTP AUTH (or from a trusted network)")
+
+
+class AbsenceByMail:
+    """The ingress hook: recognises the commands and applies them durably (before ``250``)."""
+
+    def __init__(self, config: Any, directory: Directory, store: Any, outbox: Any, notifier: Any) -> None:
+        self.config = config
+        self.directory = directory
+        self.store = store
+        self.outbox = outbox
+        self.notifier = notifier
+
+    def parse(self, raw: bytes, rcpt: str, sender: Sender) -> AbsenceCommand | None:
+        local, _, domain = rcpt.lower().rpartition("@")
+        if local not in self.config.requests.service_mailboxes or not self.config.is_local_domain(domain):
+            return None
+        command = parse_absence_command(raw, self.directory, datetime.now(UTC))
+        if command is not None:
+            check_sender(command, sender)
+        return command
+
+    async def apply(self, command: AbsenceCommand) -> None:
+        person = command.person
+        language = person.language if person.language in ("en", "ja") else "en"
+        until = command.until.astimezone().strftime("%Y-%m-%d %H:%M") if command.until else ""
+        context = {"absent": command.absent, "until": until, "name": person.name, "address": person.address,
+                   "domain": self.config.domains[0], "gateway_address": self.config.sender_address}
+        try:
+            subject, body = self.notifier.render(f"absence_mode.{language}.txt", context)
+        except (TemplateError, OSError, ValueError) as exc:
+            log.error("template absence_mode.%s.txt failed (%s); using the built-in wording", language, exc)
+            subject = "Absence mode on" if command.absent else "Absence mode off"
+            body = subject + (f" until {until}" if until else "") + "\n"
+        message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
+        message["From"] = formataddr(("mailgw", self.config.sender_address))
+        message["To"] = person.address
+        message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
+        message["Date"] = format_datetime(datetime.now().astimezone())
+        message["Message-ID"] = make_msgid(domain=self.config.domains[0])
+        message["Auto-Submitted"] = "auto-replied"
+        mail = await self.outbox.prepare(message, rcpt_to=person.address, request_id=None)
+        if command.absent:
+            await self.store.set_absence(person.address, until=command.until, note="", source="mail", mail=mail)
+        else:
+            await self.store.clear_absence(person.address, mail=mail)
+        self.outbox.wake()
+        log.info("absence mode of %s %s by mail%s", person.address, "on" if command.absent else "off",
+                 f" until {until}" if until else "")
