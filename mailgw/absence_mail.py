@@ -24,6 +24,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from .absence_reply import missed_call_message_id
 from .absence import DigestPreference, Pending, plan_sending, subject_name
 from .config import Config
 from .customers import display_number
@@ -137,6 +138,8 @@ class AbsenceMailer:
             log.error("template absence.%s.txt failed (%s); using the built-in wording", language, exc)
             subject, body = _fallback(context)
         message = self._message(notice.recipient, subject, body)
+        # Names the call and the caller, so that a reply "call" calls back (absence_reply.py).
+        message.replace_header("Message-ID", missed_call_message_id(call.id, call.caller_key, self.config.domains[0]))
         message["X-CTI-Call"] = call.id
         message["X-CTI-Caller"] = call.caller_key or call.caller or "withheld"
         return message

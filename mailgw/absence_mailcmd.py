@@ -30,6 +30,7 @@ from typing import Any
 from jinja2 import TemplateError
 from pytimeparse2 import parse as parse_seconds
 
+from .absence_reply import parse_call_reply
 from .auth import Sender, Trust
 from .directory import Directory, Person, normalise_address
 from .status import Refused
@@ -133,6 +134,12 @@ class AbsenceByMail:
         self.store = store
         self.outbox = outbox
         self.notifier = notifier
+
+    def parse_reply(self, raw: bytes, mail_from: str, rcpt: str) -> Any:
+        """A reply ``call`` to a missed-call mail: the connect request (absence_reply.py), else None."""
+        if rcpt.lower() != (normalise_address(self.config.sender_address) or self.config.sender_address.lower()):
+            return None
+        return parse_call_reply(raw, mail_from=mail_from, rcpt_to=rcpt, config=self.config, directory=self.directory)
 
     def parse(self, raw: bytes, rcpt: str, sender: Sender) -> AbsenceCommand | None:
         local, _, domain = rcpt.lower().rpartition("@")

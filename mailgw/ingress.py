@@ -170,6 +170,8 @@ class IngressHandler:
         if answer_token(rcpt, self.config.sender_address) is not None:
             parse_answer(raw, mail_from)  # OK / NG, else refused saying what to write (mailgw/inquiry.py)
             return None  # stored as it is; the dispatcher records the answer
+        if self.absence is not None and (call_back := self.absence.parse_reply(raw, mail_from, rcpt)) is not None:
+            return call_back  # "call" in reply to a missed-call mail: a connect request (absence_reply.py)
         if self.campons is not None and rcpt == self.campons.reply_address:  # camp-on: a reply may cancel
             return self.campons.parse_reply(raw, mail_from, rcpt)
         relay = self.relay

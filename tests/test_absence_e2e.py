@@ -8,6 +8,7 @@ import email
 import email.policy
 from dataclasses import replace
 from datetime import UTC, datetime
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +18,7 @@ from mailgw.cli import main
 from mailgw.config import Config
 
 from .absence_helpers import CallEnds, import_customers, place_incoming, write_directory
-from .conftest import Sink, request_mail, running_gateway, submit
+from .conftest import Sink, placed_calls, request_mail, running_gateway, submit, wait_stage
 
 
 def absence_config(make_config: Callable[..., Config], tmp_path: Path, **absence: object) -> Config:
@@ -292,3 +293,45 @@ async def test_absence_by_mail_needs_a_known_sender(make_config: Callable[..., C
         reply = await submit(gw.smtp_port, request_mail("tanaka@b.example", "cti@a.example", "absent\n"))
         assert reply.code == 550 and "5.7.1" in reply.text and "SMTP AUTH" in reply.text
         assert await gw.store.absences() == []
+
+
+async def test_reply_call_to_a_missed_call_mail_connects_the_person_with_the_caller(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await import_customers(gw, tmp_path)
+        await set_absent(gw, "tanaka@b.example")
+        ends = CallEnds(gw)
+        call_id = await place_incoming(gw, "0312345678", "2000", answer="nobody")
+        await ends.wait(call_id)
+        _, _, missed = await sink.next()
+        assert missed["Message-ID"].startswith(f"<missed-81312345678-{call_id}-")
+
+        def reply(body: str, sender: str = "tanaka@b.example") -> EmailMessage:
+            message = request_mail(sender, gw.config.sender_address, body + "\n\n> " + missed["Subject"],
+                                   subject="Re: " + missed["Subject"])
+            message["In-Reply-To"] = missed["Message-ID"]
+            return message
+
+        refused = await submit(gw.smtp_port, reply("thanks"))
+        assert refused.code == 550 and "write only the word 'call'" in refused.text
+        accepted = await submit(gw.smtp_port, reply("call"))
+        assert accepted.code == 250, accepted
+        outcome = await wait_stage(gw.store, accepted.queue_id, "outcome")
+        assert outcome.startswith("answered"), outcome
+        placed = [c for c in placed_calls(gw) if c.direction != "incoming"]
+        assert [(c.from_number, c.to_number) for c in placed] == [("2000", "0312345678")]  # Tanaka, then the caller
+        _, rcpt_tos, result = await sink.next()
+        assert rcpt_tos == ["tanaka@b.example"] and result["X-CTI-Outcome"] == "answered"
+
+
+async def test_reply_call_to_a_withheld_callers_mail_is_refused(make_config: Callable[..., Config], sink: Sink,
+                                                                tmp_path: Path) -> None:
+    async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
+        await set_absent(gw, "tanaka@b.example")
+        ends = CallEnds(gw)
+        await ends.wait(await place_incoming(gw, None, "2000", answer="nobody"))
+        _, _, missed = await sink.next()
+        message = request_mail("desk@b.example", gw.config.sender_address, "call\n", subject="Re: missed")
+        message["In-Reply-To"] = missed["Message-ID"]
+        refused = await submit(gw.smtp_port, message)
+        assert refused.code == 550 and "withheld their number" in refused.text
