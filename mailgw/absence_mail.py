@@ -119,14 +119,7 @@ class AbsenceMailer:
         log.info("digest of %d missed call(s): mail to %s queued", len(entries), first.recipient)
 
     def _message(self, recipient: str, subject: str, body: str) -> Message:
-        message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
-        message["From"] = formataddr(("mailgw", self.config.sender_address))
-        message["To"] = recipient
-        message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
-        message["Date"] = format_datetime(datetime.now().astimezone())
-        message["Message-ID"] = make_msgid(domain=self.config.domains[0])
-        message["Auto-Submitted"] = "auto-generated"  # RFC 3834: a notice, no auto-replies to it
-        return message
+        return notice_mail(self.config, recipient, subject, body)
 
     def compose(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
                 history: list[IncomingRow]) -> Message:
@@ -178,6 +171,20 @@ class AbsenceMailer:
     def _person(self, extension: str) -> str:
         person = self.directory.by_extension(extension)
         return f"{person.name} ({extension})" if person else extension
+
+
+def notice_mail(config: Config, recipient: str, subject: str, body: str, *,
+                auto_submitted: str = "auto-generated") -> Message:
+    """A plain-text notice from the gateway (UTF-8 unless it is all ASCII); RFC 3834 marks it
+    automatic so that no auto-reply answers it."""
+    message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
+    message["From"] = formataddr(("mailgw", config.sender_address))
+    message["To"] = recipient
+    message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
+    message["Date"] = format_datetime(datetime.now().astimezone())
+    message["Message-ID"] = make_msgid(domain=config.domains[0])
+    message["Auto-Submitted"] = auto_submitted
+    return message
 
 
 def _local(moment: datetime, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:

@@ -22,14 +22,13 @@ import logging
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.header import Header
-from email.mime.text import MIMEText
-from email.utils import format_datetime, formataddr, make_msgid, parseaddr
+from email.utils import parseaddr
 from typing import Any
 
 from jinja2 import TemplateError
 from pytimeparse2 import parse as parse_seconds
 
+from .absence_mail import notice_mail
 from .absence_reply import parse_call_reply
 from .auth import Sender, Trust
 from .directory import Directory, Person, normalise_address
@@ -162,13 +161,7 @@ class AbsenceByMail:
             log.error("template absence_mode.%s.txt failed (%s); using the built-in wording", language, exc)
             subject = "Absence mode on" if command.absent else "Absence mode off"
             body = subject + (f" until {until}" if until else "") + "\n"
-        message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
-        message["From"] = formataddr(("mailgw", self.config.sender_address))
-        message["To"] = person.address
-        message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
-        message["Date"] = format_datetime(datetime.now().astimezone())
-        message["Message-ID"] = make_msgid(domain=self.config.domains[0])
-        message["Auto-Submitted"] = "auto-replied"
+        message = notice_mail(self.config, person.address, subject, body, auto_submitted="auto-replied")
         mail = await self.outbox.prepare(message, rcpt_to=person.address, request_id=None)
         if command.absent:
             await self.store.set_absence(person.address, until=command.until, note="", source="mail", mail=mail)
