@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from .spool import fsync_folders, write_in_place
+from .spool import write_all_durably
 
 T = TypeVar("T")
 Statements = list[tuple[str, tuple[Any, ...]]]
@@ -188,12 +189,20 @@ def _dt(value: str | None) -> datetime | None:
 
 
 class Store:
-    """One SQLite database file; every method is a coroutine run on the store's own thread."""
+    """One SQLite database file; every method is a coroutine run on one of the store's two threads.
+
+    Writes (group commits) run on the writer thread; plain queries on a reader thread with its
+    own connection, so a lookup never queues behind a batch that is waiting for its fsync. WAL
+    lets the reader see every transaction committed before the query started, so a caller that
+    awaited a write reads it back.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgw-store")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgw-store-read")
         self._db: sqlite3.Connection | None = None
+        self._reading = threading.local()  # .db: the reader thread's connection
         # Called on the event loop after a stage is durably recorded: (request_id, stage, detail).
         self.stage_listeners: list[Callable[[str, str, str], None]] = []
         self._pending: list[tuple[Statements, Files, asyncio.Future[None]]] = []
@@ -202,6 +211,19 @@ class Store:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await self._run(self._open)
+        await self._read(self._open_reader)
+
+    def _open_reader(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA query_only=ON")
+        self._reading.db = db
+
+    def _close_reader(self) -> None:
+        db = getattr(self._reading, "db", None)
+        if db is not None:
+            db.close()
+            self._reading.db = None
 
     def _open(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
@@ -219,13 +241,20 @@ class Store:
     async def close(self) -> None:
         if self._flusher is not None:
             await self._flusher
+        await self._read(self._close_reader)
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
         self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """On the writer thread (its connection is ``self._db``)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """On the reader thread: ``fn`` may only query (``self._query``)."""
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
     async def _commit(self, statements: Statements, files: Files = ()) -> None:
         """Commit ``statements`` as one atomic transaction, durably, then tell stage listeners.
@@ -264,19 +293,34 @@ class Store:
     def _write_batch(self, batch: list[tuple[Statements, Files]]) -> list[BaseException | None]:
         assert self._db is not None
         errors: list[BaseException | None] = [None] * len(batch)
-        folders: set[Path] = set()
-        for index, (_, files) in enumerate(batch):
-            try:
-                for path, data in files:
-                    write_in_place(path, data)
-                    folders.add(path.parent)
-            except OSError as exc:  # disk full, ...: this transaction fails, the others go on
-                errors[index] = exc
-        fsync_folders(folders)  # every file durable under its name before any row that names it
+        # Every file durable under its name (one journal commit for all) before any row naming it.
+        owners = [index for index, (_, files) in enumerate(batch) for _ in files]
+        for owner, error in zip(owners, write_all_durably([f for _, files in batch for f in files])):
+            if error is not None and errors[owner] is None:  # disk full, ...: this caller fails, the others go on
+                errors[owner] = error
+        todo = [index for index, error in enumerate(errors) if error is None]
+        # Optimistic first: the whole batch as one transaction, without a SAVEPOINT per caller.
+        # Each statement hands the GIL over twice (SQLite runs without it), and under load every
+        # hand-over waits for the event loop, so fewer statements make a much shorter batch. Only
+        # when a statement fails is the batch rolled back and redone with savepoints.
+        if todo and self._write_transactions(batch, todo, errors, isolated=False):
+            return errors
+        self._write_transactions(batch, todo, errors, isolated=True)
+        return errors
+
+    def _write_transactions(self, batch: list[tuple[Statements, Files]], todo: list[int],
+                            errors: list[BaseException | None], *, isolated: bool) -> bool:
+        """Run the transactions ``todo`` of ``batch`` in one COMMIT. Not ``isolated``: False (and
+        nothing written) if any statement failed. ``isolated``: each in a SAVEPOINT, a failing one
+        rolled back alone and its error put in ``errors``."""
+        assert self._db is not None
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for index, (statements, _) in enumerate(batch):
-                if errors[index] is not None:
+            for index in todo:
+                statements = batch[index][0]
+                if not isolated:
+                    for sql, params in statements:
+                        self._db.execute(sql, params)
                     continue
                 self._db.execute("SAVEPOINT one")
                 try:
@@ -286,15 +330,25 @@ class Store:
                     self._db.execute("ROLLBACK TO one")
                     errors[index] = exc
                 self._db.execute("RELEASE one")
-            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            self._db.execute("ROLLBACK")
+            if isolated:
+                raise
+            return False
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return errors
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:  # nothing of the batch is durable: every caller gets the error
+            self._db.execute("ROLLBACK")
+            raise
+        return True
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        assert self._db is not None
-        return self._db.execute(sql, params).fetchall()
+        db = getattr(self._reading, "db", None) or self._db  # the reader's connection on its thread
+        assert db is not None
+        return db.execute(sql, params).fetchall()
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -317,12 +371,12 @@ class Store:
         await self._commit(statements, files)
 
     async def get_message(self, message_id: str) -> MessageRow | None:
-        rows = await self._run(self._query, "SELECT * FROM messages WHERE id = ?", (message_id,))
+        rows = await self._read(self._query, "SELECT * FROM messages WHERE id = ?", (message_id,))
         return _message(rows[0]) if rows else None
 
     async def unfinished_messages(self) -> list[MessageRow]:
         """Everything a restarted gateway must pick up again, oldest first."""
-        rows = await self._run(
+        rows = await self._read(
             self._query, "SELECT * FROM messages WHERE state IN (?, ?, ?) ORDER BY received_at, id",
             (MessageState.QUEUED, MessageState.EXECUTING, MessageState.AWAITING_READ))
         return [_message(r) for r in rows]
@@ -343,7 +397,7 @@ class Store:
                                        (message_id, _ts(utcnow()), stage, detail))])
 
     async def stages(self, message_id: str) -> list[tuple[datetime, str, str]]:
-        rows = await self._run(self._query, "SELECT at, stage, detail FROM stages WHERE request_id = ?"
+        rows = await self._read(self._query, "SELECT at, stage, detail FROM stages WHERE request_id = ?"
                                " ORDER BY rowid", (message_id,))
         return [(_dt(r["at"]), r["stage"], r["detail"]) for r in rows]  # type: ignore[misc]
 
@@ -362,7 +416,7 @@ class Store:
             by_number = {n: (self._count_rings(n, now - timedelta(minutes=1)), self._count_rings(n, hour))
                          for n in numbers}
             return by_sender, by_number
-        return await self._run(count)
+        return await self._read(count)
 
     async def add_audit(self, *, peer: str, login: str | None, sender: str | None, what: str, rule: str,
                         reply: str) -> None:
@@ -370,11 +424,11 @@ class Store:
                              (_ts(utcnow()), peer, login, sender, what, rule, reply))])
 
     async def audit_entries(self, limit: int = 100) -> list[dict[str, str | None]]:
-        rows = await self._run(self._query, "SELECT * FROM audit ORDER BY rowid DESC LIMIT ?", (limit,))
+        rows = await self._read(self._query, "SELECT * FROM audit ORDER BY rowid DESC LIMIT ?", (limit,))
         return [dict(r) for r in rows]
 
     async def list_messages(self, limit: int = 50) -> list[MessageRow]:
-        rows = await self._run(self._query, "SELECT * FROM messages ORDER BY received_at DESC, id DESC LIMIT ?",
+        rows = await self._read(self._query, "SELECT * FROM messages ORDER BY received_at DESC, id DESC LIMIT ?",
                                (limit,))
         return [_message(r) for r in rows]
 
@@ -400,7 +454,7 @@ class Store:
                                                  to_answered_at, ended_at))])
 
     async def calls_for(self, request_id: str) -> list[CallRow]:
-        rows = await self._run(self._query, "SELECT * FROM calls WHERE request_id = ? ORDER BY placed_at, id",
+        rows = await self._read(self._query, "SELECT * FROM calls WHERE request_id = ? ORDER BY placed_at, id",
                                (request_id,))
         return [_call(r) for r in rows]
 
@@ -440,13 +494,13 @@ class Store:
 
     async def awaiting_read_by_link(self, link: str) -> MessageRow | None:
         """The request waiting to be read whose mail link is ``link``."""
-        rows = await self._run(self._query, "SELECT * FROM messages WHERE state = ? AND detail = ?",
+        rows = await self._read(self._query, "SELECT * FROM messages WHERE state = ? AND detail = ?",
                                (MessageState.AWAITING_READ, link))
         return _message(rows[0]) if rows else None
 
     async def due_outbox(self, now: datetime, limit: int = 200) -> tuple[list[OutboxRow], datetime | None]:
         """Queued mail due by ``now`` (at most ``limit``), and when the next one after them is due."""
-        rows = [_outbox(r) for r in await self._run(
+        rows = [_outbox(r) for r in await self._read(
             self._query, f"{OUTBOX_SELECT} WHERE state = 'queued' ORDER BY next_try, id LIMIT ?", (limit + 1,))]
         due = [r for r in rows[:limit] if r.next_try <= now]
         rest = rows[len(due):]
@@ -476,7 +530,7 @@ class Store:
         await self._commit(statements)
 
     async def outbox_for(self, request_id: str) -> list[OutboxRow]:
-        rows = await self._run(self._query, f"{OUTBOX_SELECT} WHERE request_id = ? ORDER BY created_at, id",
+        rows = await self._read(self._query, f"{OUTBOX_SELECT} WHERE request_id = ? ORDER BY created_at, id",
                                (request_id,))
         return [_outbox(r) for r in rows]
 
@@ -485,13 +539,13 @@ class Store:
     async def outbox_queue(self, *, include_done: bool = False, limit: int = 1000) -> list[tuple[OutboxRow, str | None]]:
         """Outbound mail with its relay destination (None for notices): the latest ``limit``, oldest first."""
         where = "" if include_done else "WHERE state = 'queued'"
-        rows = await self._run(self._query, f"{OUTBOX_SELECT} {where} ORDER BY created_at DESC, id DESC LIMIT ?",
+        rows = await self._read(self._query, f"{OUTBOX_SELECT} {where} ORDER BY created_at DESC, id DESC LIMIT ?",
                                (limit,))
         return [(_outbox(r), r["destination"]) for r in reversed(rows)]
 
     async def outbox_retry_now(self, outbox_id: str) -> bool:
         """Make a queued entry due at once (``mailgw queue retry``)."""
-        rows = await self._run(self._query, "SELECT id FROM outbox WHERE id = ? AND state = 'queued'", (outbox_id,))
+        rows = await self._read(self._query, "SELECT id FROM outbox WHERE id = ? AND state = 'queued'", (outbox_id,))
         if not rows:
             return False
         await self._commit([("UPDATE outbox SET next_try = ? WHERE id = ?", (_ts(utcnow()), outbox_id))])
@@ -499,7 +553,7 @@ class Store:
 
     async def outbox_drop(self, outbox_id: str, reason: str) -> bool:
         """Take a queued entry out of the queue for good (``mailgw queue drop``)."""
-        rows = await self._run(self._query, "SELECT id FROM outbox WHERE id = ? AND state = 'queued'", (outbox_id,))
+        rows = await self._read(self._query, "SELECT id FROM outbox WHERE id = ? AND state = 'queued'", (outbox_id,))
         if not rows:
             return False
         await self._commit([("UPDATE outbox SET state = 'dropped', last_error = ? WHERE id = ?", (reason, outbox_id))])
@@ -579,13 +633,13 @@ class Store:
 
 
     async def get_campon(self, campon_id: str) -> CamponRow | None:
-        rows = await self._run(self._query, "SELECT rowid, * FROM campons WHERE id = ?", (campon_id,))
+        rows = await self._read(self._query, "SELECT rowid, * FROM campons WHERE id = ?", (campon_id,))
         return _campon(rows[0]) if rows else None
 
 
     async def pending_campons(self) -> list[CamponRow]:
         """Every camp-on and monitor not yet done, first come first."""
-        rows = await self._run(self._query, """
+        rows = await self._read(self._query, """
             SELECT c.rowid, c.*, COALESCE(json_extract(m.request, '$.confidential'), 1) AS confidential
               FROM campons c LEFT JOIN messages m ON m.id = c.id
              WHERE c.state != 'done' ORDER BY c.rowid""")
@@ -594,7 +648,7 @@ class Store:
 
     async def list_campons(self, *, include_done: bool = False, limit: int = 1000) -> list[CamponRow]:
         where = "" if include_done else "WHERE state != 'done' "
-        rows = await self._run(self._query, f"SELECT rowid, * FROM campons {where}ORDER BY rowid DESC LIMIT ?",
+        rows = await self._read(self._query, f"SELECT rowid, * FROM campons {where}ORDER BY rowid DESC LIMIT ?",
                                (limit,))
         return [_campon(r) for r in rows]
 
@@ -602,7 +656,7 @@ class Store:
     async def request_campon_cancel(self, campon_id: str, by: str) -> bool:
         """Ask (durably) for a pending camp-on to be cancelled; False when none is pending under that id.
         The runner acts on it: at once when it is the running gateway's own cancel, else at its next poll."""
-        rows = await self._run(self._query, "SELECT 1 FROM campons WHERE id = ? AND state != 'done'", (campon_id,))
+        rows = await self._read(self._query, "SELECT 1 FROM campons WHERE id = ? AND state != 'done'", (campon_id,))
         if not rows:
             return False
         now = _ts(utcnow())
@@ -616,20 +670,20 @@ class Store:
 
     async def campon_cancels(self) -> list[tuple[str, str]]:
         """(id, by) of pending camp-ons somebody asked to cancel."""
-        rows = await self._run(self._query, "SELECT id, cancel_requested FROM campons"
+        rows = await self._read(self._query, "SELECT id, cancel_requested FROM campons"
                                " WHERE state != 'done' AND cancel_requested IS NOT NULL")
         return [(r[0], r[1]) for r in rows]
 
 
     async def stages_since(self, message_id: str, stage: str, since: datetime | None) -> list[tuple[datetime, str]]:
-        rows = await self._run(self._query, "SELECT at, detail FROM stages WHERE request_id = ? AND stage = ?"
+        rows = await self._read(self._query, "SELECT at, detail FROM stages WHERE request_id = ? AND stage = ?"
                                " AND at > ? ORDER BY rowid", (message_id, stage, _ts(since) or ""))
         return [(_dt(r[0]), r[1]) for r in rows]  # type: ignore[misc]
 
     # --- scenario steps (mailgw/scenario_run.py) ----------------------------------------------------
 
     async def scenario_steps(self, request_id: str) -> list[StepRow]:
-        rows = await self._run(self._query, "SELECT * FROM scenario_steps WHERE request_id = ? ORDER BY rowid",
+        rows = await self._read(self._query, "SELECT * FROM scenario_steps WHERE request_id = ? ORDER BY rowid",
                                (request_id,))
         return [_step(r) for r in rows]
 
@@ -664,7 +718,7 @@ class Store:
         await self._commit(statements + _outbox_insert(inquiry))
 
     async def step_by_token(self, token: str) -> StepRow | None:
-        rows = await self._run(self._query, "SELECT * FROM scenario_steps WHERE token = ?", (token,))
+        rows = await self._read(self._query, "SELECT * FROM scenario_steps WHERE token = ?", (token,))
         return _step(rows[0]) if rows else None
 
     async def answer_step(self, request_id: str, path: str, answer: str, by: str) -> bool:
@@ -707,11 +761,11 @@ class Store:
 
     async def open_incoming(self) -> list["IncomingRow"]:
         """Incoming calls recorded as not yet ended (the gateway lost sight of them)."""
-        rows = await self._run(self._query, "SELECT * FROM incoming_calls WHERE ended_at IS NULL ORDER BY started_at")
+        rows = await self._read(self._query, "SELECT * FROM incoming_calls WHERE ended_at IS NULL ORDER BY started_at")
         return [_incoming(r) for r in rows]
 
     async def incoming_call(self, call_id: str) -> "IncomingRow | None":
-        rows = await self._run(self._query, "SELECT * FROM incoming_calls WHERE id = ?", (call_id,))
+        rows = await self._read(self._query, "SELECT * FROM incoming_calls WHERE id = ?", (call_id,))
         return _incoming(rows[0]) if rows else None
 
     async def list_incoming(self, *, caller_key: str | None = None, before: datetime | None = None,
@@ -724,7 +778,7 @@ class Store:
         if before is not None:
             where.append("started_at < ?")
             params.append(_ts(before))
-        rows = await self._run(self._query, f"SELECT * FROM incoming_calls WHERE {' AND '.join(where)}"
+        rows = await self._read(self._query, f"SELECT * FROM incoming_calls WHERE {' AND '.join(where)}"
                                " ORDER BY started_at DESC LIMIT ?", (*params, limit))
         return [_incoming(r) for r in rows]
 
@@ -746,11 +800,11 @@ class Store:
                           " WHERE n.number = ?"), number
         else:
             sql, param = "SELECT * FROM customers WHERE id = ?", id
-        rows = await self._run(self._query, sql, (param,))
+        rows = await self._read(self._query, sql, (param,))
         return dict(rows[0]) if rows else None
 
     async def count_customers(self) -> int:
-        rows = await self._run(self._query, "SELECT COUNT(*) FROM customers")
+        rows = await self._read(self._query, "SELECT COUNT(*) FROM customers")
         return int(rows[0][0])
 
     async def set_absence(self, address: str, *, until: datetime | None, note: str, source: str,
@@ -764,24 +818,24 @@ class Store:
         await self._commit(statements + (_outbox_insert(mail) if mail else []))
 
     async def clear_absence(self, address: str, *, mail: OutboxEntry | None = None) -> bool:
-        rows = await self._run(self._query, "SELECT 1 FROM absences WHERE address = ?", (address,))
+        rows = await self._read(self._query, "SELECT 1 FROM absences WHERE address = ?", (address,))
         await self._commit([("DELETE FROM absences WHERE address = ?", (address,)),
                             *(_outbox_insert(mail) if mail else [])])
         return bool(rows)
 
     async def absences(self) -> list[tuple[str, datetime, datetime | None, str, str]]:
         """(address, since, until, note, source) of everyone marked absent (expired ones too)."""
-        rows = await self._run(self._query, "SELECT * FROM absences ORDER BY address")
+        rows = await self._read(self._query, "SELECT * FROM absences ORDER BY address")
         return [(r["address"], _dt(r["since"]), _dt(r["until"]), r["note"], r["source"]) for r in rows]  # type: ignore[misc]
 
     async def pending_notices(self, limit: int = 2000) -> list["NoticeRow"]:
-        rows = await self._run(self._query, "SELECT * FROM absence_notices WHERE state = 'pending'"
+        rows = await self._read(self._query, "SELECT * FROM absence_notices WHERE state = 'pending'"
                                " ORDER BY created_at, call_id LIMIT ?", (limit,))  # oldest first
         return [_notice(r) for r in rows]
 
     async def add_memo(self, notice: "NoticeRow") -> bool:
         """Record a colleague's memo on a call (sent by the mailer); False if the call has one already."""
-        rows = await self._run(self._query, "SELECT 1 FROM absence_notices WHERE call_id = ? AND kind = 'memo'",
+        rows = await self._read(self._query, "SELECT 1 FROM absence_notices WHERE call_id = ? AND kind = 'memo'",
                                (notice.call_id,))
         if rows:
             return False
@@ -802,7 +856,7 @@ class Store:
         await self._commit(statements)
 
     async def notices(self) -> list["NoticeRow"]:
-        rows = await self._run(self._query, "SELECT * FROM absence_notices ORDER BY created_at, call_id")
+        rows = await self._read(self._query, "SELECT * FROM absence_notices ORDER BY created_at, call_id")
         return [_notice(r) for r in rows]
 
 
