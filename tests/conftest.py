@@ -192,3 +192,17 @@ def sim_calls(simulator: AmiSimulator) -> list[CallRecord]:
 def placed_calls(gateway: Gateway) -> list[CallRecord]:
     assert gateway.simulator is not None
     return sim_calls(gateway.simulator)
+
+
+def dkim_key_pair() -> tuple[bytes, str]:
+    """A DKIM key pair: the RSA private key PEM and the public key as a DNS p= value."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, base64.b64encode(public).decode()

@@ -26,7 +26,7 @@ from mailgw.config import Config, HostPort
 from mailgw.gateway import Gateway
 from mailgw.store import MessageRow, Store
 
-from .conftest import Sink, maildir_messages, placed_calls, request_mail, running_gateway, submit, wait_stage
+from .conftest import Sink, dkim_key_pair, maildir_messages, placed_calls, request_mail, running_gateway, submit, wait_stage
 
 PEER_A_PASSWORD = "a-relays-to-b"
 PEER_B_PASSWORD = "b-relays-to-a"
@@ -140,16 +140,7 @@ async def both(federation: Federation, a_options: dict | None = None,
 @pytest.fixture(scope="module")
 def a_dkim_key() -> tuple[bytes, str]:
     """Gateway a's DKIM key pair: the private key PEM and the public key as a DNS p= value."""
-    import base64
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private, base64.b64encode(public).decode()
+    return dkim_key_pair()
 
 
 async def wait_message(store: Store, predicate: Callable[[MessageRow], bool], *, state: str | None = "done",
@@ -172,6 +163,14 @@ async def wait_message(store: Store, predicate: Callable[[MessageRow], bool], *,
                 await changed.wait()
     finally:
         store.stage_listeners.remove(listener)
+
+
+async def bounce_status(a: Gateway, queue_id: str) -> str:
+    """Await the bounce of relayed mail ``queue_id`` in Alice's Maildir; its RFC 3463 status."""
+    await wait_stage(a.store, queue_id, "mail-failed")
+    await wait_stage(a.store, queue_id, "notified")
+    [dsn] = [m for m in maildir_messages(a, "alice@a.example") if m.get_content_type() == "multipart/report"]
+    return dsn.get_payload()[1].get_payload()[1]["Status"]
 
 
 def mail_for(gateway: Gateway, address: str, header: str, value: str) -> list[email.message.EmailMessage]:
@@ -284,10 +283,7 @@ async def test_peer_refusal_bounces_with_its_code(federation: Federation) -> Non
     async with both(federation) as (a, b):
         reply = await submit(a.smtp_port, request_mail("alice@a.example", "nobody@b.example", "to: 2001\n"))
         assert reply.code == 250, reply
-        await wait_stage(a.store, reply.queue_id, "mail-failed")
-        await wait_stage(a.store, reply.queue_id, "notified")
-        [dsn] = [m for m in maildir_messages(a, "alice@a.example") if m.get_content_type() == "multipart/report"]
-        assert dsn.get_payload()[1].get_payload()[1]["Status"] == "5.1.1"
+        assert await bounce_status(a, reply.queue_id) == "5.1.1"
 
 
 # --- refusals ---------------------------------------------------------------------------------------
@@ -418,8 +414,5 @@ async def test_peer_needing_both_proofs_refuses_an_unsigned_relay(federation: Fe
     async with both(federation, accept_dkim=public) as (a, b):
         reply = await submit(a.smtp_port, request_mail("alice@a.example", "bob@b.example", "action: connect\n"))
         assert reply.code == 250, reply
-        await wait_stage(a.store, reply.queue_id, "mail-failed")
-        await wait_stage(a.store, reply.queue_id, "notified")
-        [dsn] = [m for m in maildir_messages(a, "alice@a.example") if m.get_content_type() == "multipart/report"]
-        assert dsn.get_payload()[1].get_payload()[1]["Status"] == "5.7.1"
+        assert await bounce_status(a, reply.queue_id) == "5.7.1"
         assert placed_calls(b) == []

@@ -18,7 +18,7 @@ from mailgw.config import Config, DkimKey, GroupPolicy
 from mailgw.gateway import Gateway
 from mailgw.resources import shipped
 
-from .conftest import maildir_messages, placed_calls, request_mail, submit, wait_stage
+from .conftest import dkim_key_pair, maildir_messages, placed_calls, request_mail, submit, wait_stage
 
 PASSWORD = "correct horse battery staple"
 
@@ -189,16 +189,7 @@ async def test_one_number_cannot_be_rung_again_within_a_minute(make_config) -> N
 @pytest.fixture(scope="module")
 def peer_key() -> tuple[bytes, str]:
     """A DKIM key pair for b.example: the private key PEM and the public key as a DNS p= value."""
-    import base64
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private, base64.b64encode(public).decode()
+    return dkim_key_pair()
 
 
 def dkim_config(make_config, public_key: str) -> Config:
