@@ -58,6 +58,8 @@ class RelayConfig:
     max_retry_interval: float = 3600.0  # ... up to this; never past the request's monitor time
     give_up_after: float = 15 * 60.0  # for relayed mail without a request (and its monitor time)
     max_hops: int = 25               # more Received headers than this: a loop, 554 5.4.6
+    dns: tuple[HostPort, ...] = ()   # name servers for MX look-ups (default: the system's)
+    mx_port: int = 25                # the port MX hosts are reached on (25; tests use another)
 
 
 @dataclass(frozen=True)
@@ -389,7 +391,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
                      d.media, base),
         scenarios=_scenarios(_section(raw, "scenarios", {"dir", "reload_interval", "confirm_prompt"}), d.scenarios, base),
         relay=_relay(_section(raw, "relay", {"mx", "retry_interval", "max_retry_interval", "give_up_after",
-                                             "max_hops"}), d.relay),
+                                             "max_hops", "dns", "mx_port"}), d.relay),
         absence=_absence(_section(raw, "absence", {"enabled", "representative", "notify_unanswered", "history",
                                                         "poll_interval", "memo_phrases", "digests"}),
                          d.absence),
@@ -484,7 +486,18 @@ def _relay(raw: dict[str, Any], d: RelayConfig) -> RelayConfig:
 
     return RelayConfig(mx=_bool(raw, "mx", d.mx, "relay."), retry_interval=duration("retry_interval"),
                        max_retry_interval=duration("max_retry_interval"), give_up_after=duration("give_up_after"),
-                       max_hops=_int(raw, "max_hops", d.max_hops, "relay."))
+                       max_hops=_int(raw, "max_hops", d.max_hops, "relay."),
+                       dns=_nameservers(raw.get("dns", [])), mx_port=_int(raw, "mx_port", d.mx_port, "relay."))
+
+
+def _nameservers(raw: Any) -> tuple[HostPort, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("relay.dns: must be a list of name servers (\"192.0.2.53\" or \"192.0.2.53:5353\")")
+    servers = []
+    for index, entry in enumerate(raw, start=1):
+        text = str(entry)
+        servers.append(_hostport(text if ":" in text else f"{text}:53", None, f"relay.dns[{index}]"))
+    return tuple(s for s in servers if s is not None)
 
 
 def _no_unknown(section: dict[str, Any], known: set[str], prefix: str) -> None:

@@ -37,6 +37,7 @@ class TlsMode(StrEnum):
     NONE = "none"          # plain SMTP (only for a peer on a trusted link)
     STARTTLS = "starttls"  # plain connect, then STARTTLS (the default; required for AUTH)
     TLS = "tls"            # implicit TLS from the first byte (port 465 style)
+    MAY = "may"            # STARTTLS when offered, certificate not checked (MX delivery, like Postfix's "may")
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ def _peer(domain: str, entry: Any, base: Path) -> Destination:
         tls = TlsMode(entry.get("tls", "starttls"))
     except ValueError:
         raise ConfigError(f"{where}.tls: must be none, starttls or tls") from None
+    if tls is TlsMode.MAY:
+        raise ConfigError(f"{where}.tls: must be none, starttls or tls (a peer's certificate is always checked)")
     password = os.environ.get(entry["password_env"]) if entry.get("password_env") else entry.get("password")
     if entry.get("login") and tls is TlsMode.NONE:
         raise ConfigError(f"{where}: AUTH credentials need tls: starttls or tls (no password in clear)")

@@ -24,7 +24,7 @@ from . import mailbox
 from .config import Config
 from .destinations import Destination, Destinations, TlsMode
 from .directory import Directory, normalise_address
-from .relay import delivery_status_notification, enhanced_status, tls_context
+from .relay import delivery_status_notification, enhanced_status, tls_context, unverified_context
 from .routing import NoSuchDomain, mx_destination, resolve_mx
 from .spool import new_id, write_durably
 from .store import OutboxEntry, OutboxRow, Store, utcnow
@@ -197,10 +197,10 @@ class Outbox:
             raise PermanentFailure(f"no route to {domain}: not in the destination DB, no outbound.smarthost, "
                                    "relay.mx off (5.4.4)")
         try:
-            answer = await resolve_mx(domain)  # timeouts and SERVFAIL raise: retried
+            answer = await resolve_mx(domain, self.config.relay.dns)  # timeouts and SERVFAIL raise: retried
         except NoSuchDomain:
             raise PermanentFailure(f"{domain} does not exist in DNS (5.1.2)") from None
-        mx = mx_destination(domain, answer)
+        mx = mx_destination(domain, answer, self.config.relay.mx_port)
         if mx is None:
             raise PermanentFailure(f"{domain} accepts no mail (null MX, 5.1.10)")
         return mx
@@ -250,13 +250,17 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
 async def open_session(destination: Destination) -> aiosmtplib.SMTP:
     """A connected SMTP session to ``destination`` with its TLS mode and AUTH credentials."""
     host = destination.host
-    context = tls_context(destination) if destination.tls is not TlsMode.NONE else None
+    context = tls_context(destination) if destination.tls in (TlsMode.STARTTLS, TlsMode.TLS) else None
     client = aiosmtplib.SMTP(hostname=host.host, port=host.port, timeout=30, start_tls=False,
                              use_tls=destination.tls is TlsMode.TLS, tls_context=context)
     await client.connect()
     try:
         if destination.tls is TlsMode.STARTTLS:
             await client.starttls(server_hostname=destination.server_name or destination.domain, tls_context=context)
+        elif destination.tls is TlsMode.MAY:
+            await client.ehlo()
+            if client.supports_extension("starttls"):
+                await client.starttls(tls_context=unverified_context())
         if destination.login:
             await client.login(destination.login, destination.password or "")
     except BaseException:

@@ -98,6 +98,15 @@ def tls_context(destination: Destination) -> ssl.SSLContext:
     return context
 
 
+def unverified_context() -> ssl.SSLContext:
+    """Opportunistic TLS to an MX (RFC 7435): encrypted when offered, like Postfix's level "may";
+    the certificate is not checked because MX hosts rarely carry one for the domain's name."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 @dataclass(frozen=True)
 class RelayCopy:
     """One recipient's copy of a mail that goes to another office."""

@@ -78,31 +78,37 @@ def relay_known(domain: str, destinations: Destinations, *, mx: bool) -> RelayVi
     return RelayVia.MX if mx else None
 
 
-def mx_destination(domain: str, answer: list[tuple[int, str]]) -> Destination | None:
+def mx_destination(domain: str, answer: list[tuple[int, str]], port: int = 25) -> Destination | None:
     """The destination for ``domain`` from its MX records ((preference, exchange) pairs): the most
-    preferred exchange, port 25, STARTTLS. RFC 5321 5.1: no MX means the domain itself (its A record);
-    a single "." exchange (RFC 7505 null MX) means the domain takes no mail."""
+    preferred exchange, with opportunistic STARTTLS. RFC 5321 5.1: no MX means the domain itself
+    (its A record); a single "." exchange (RFC 7505 null MX) means the domain takes no mail."""
     if not answer:
-        return Destination(domain, HostPort(domain, 25), TlsMode.STARTTLS)
+        return Destination(domain, HostPort(domain, port), TlsMode.MAY)
     preference, exchange = min(answer)
     exchange = exchange.rstrip(".")
     if not exchange:
         return None
-    return Destination(domain, HostPort(exchange, 25), TlsMode.STARTTLS)
+    return Destination(domain, HostPort(exchange, port), TlsMode.MAY)
 
 
 class NoSuchDomain(Exception):
     """DNS says the domain does not exist (NXDOMAIN): mail for it can never be delivered."""
 
 
-async def resolve_mx(domain: str) -> list[tuple[int, str]]:
+async def resolve_mx(domain: str, nameservers: tuple[HostPort, ...] = ()) -> list[tuple[int, str]]:
     """The MX records of ``domain`` via dnspython ([] when it has none); NoSuchDomain for NXDOMAIN.
-    Timeouts and server failures raise dnspython's own errors, which the outbox retries."""
+    Timeouts and server failures raise dnspython's own errors, which the outbox retries.
+    ``nameservers``: ask these instead of the system's resolvers (relay.dns)."""
     import dns.asyncresolver
     import dns.resolver
 
+    resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+    if nameservers:
+        resolver.nameservers = [n.host for n in nameservers]
+        resolver.port = nameservers[0].port
+    resolver.lifetime = 10
     try:
-        answer = await dns.asyncresolver.resolve(domain, "MX")
+        answer = await resolver.resolve(domain, "MX")
     except dns.resolver.NoAnswer:
         return []
     except dns.resolver.NXDOMAIN:

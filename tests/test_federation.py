@@ -416,3 +416,61 @@ async def test_peer_needing_both_proofs_refuses_an_unsigned_relay(federation: Fe
         assert reply.code == 250, reply
         assert await bounce_status(a, reply.queue_id) == "5.7.1"
         assert placed_calls(b) == []
+
+
+# --- DNS MX (relay.mx) ------------------------------------------------------------------------------
+
+class _Dns(asyncio.DatagramProtocol):
+    """A tiny authoritative DNS server on loopback: MX of c.example is localhost; nx.example does not exist."""
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:  # noqa: ANN001
+        import dns.message
+        import dns.rcode
+        import dns.rrset
+
+        query = dns.message.from_wire(data)
+        response = dns.message.make_response(query)
+        name = query.question[0].name.to_text()
+        if name == "c.example.":
+            response.answer.append(dns.rrset.from_text(name, 60, "IN", "MX", "10 localhost."))
+        else:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        self.transport.sendto(response.to_wire(), addr)
+
+
+@contextlib.asynccontextmanager
+async def mx_gateway(federation: Federation) -> AsyncIterator[Gateway]:
+    """Gateway a with relay.mx on, asking the loopback DNS above; MX hosts are reached on the sink's port."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(_Dns, local_addr=("127.0.0.1", 0))
+    dns_port = transport.get_extra_info("sockname")[1]
+    config = federation.config_a(mx=True, dns=(HostPort("127.0.0.1", dns_port),), mx_port=federation.sink.port)
+    gateway = Gateway(config)  # no smarthost: it would win over the MX
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+        transport.close()
+
+
+async def test_mail_for_another_domain_goes_to_its_mx(federation: Federation) -> None:
+    async with mx_gateway(federation) as a:
+        reply = await submit(a.smtp_port, request_mail("alice@a.example", "carol@c.example", "hello Carol\n"))
+        assert reply.code == 250, reply
+        mail_from, rcpts, message = await federation.sink.next()
+        assert (mail_from, rcpts) == ("alice@a.example", ["carol@c.example"])
+        assert message["Received"].startswith("from ") and "by a.example (mailgw)" in message["Received"]
+        await wait_stage(a.store, reply.queue_id, "relayed")
+
+
+async def test_mail_for_a_domain_that_does_not_exist_bounces_at_once(federation: Federation) -> None:
+    async with mx_gateway(federation) as a:
+        reply = await submit(a.smtp_port, request_mail("alice@a.example", "who@nx.example", "hello\n"))
+        assert reply.code == 250, reply
+        assert await bounce_status(a, reply.queue_id) == "5.1.2"
+        [row, _] = await a.store.outbox_for(reply.queue_id)
+        assert row.attempts == 1 and "does not exist in DNS" in (row.last_error or "")
