@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .campon_cli import _options
 from .config import load_config
 from .customers import parse_customers, read_entries
 from .directory import load_directory, normalise_address
@@ -79,11 +80,6 @@ def register(subparsers: Any) -> None:
     calls.add_argument("--ids", action="store_true", help="show each call's id (for mailgw memo)")
     _options(calls)
     calls.set_defaults(run=_calls)
-
-
-def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="gateway.yaml (default: embedded defaults)")
-    parser.add_argument("--data", type=Path, help="data directory (default: $MAILGW_HOME or ./var)")
 
 
 async def _with_store(args: argparse.Namespace, work: Any) -> Any:
