@@ -11,7 +11,8 @@ federates with (seed 004, embodiments 2 and 3):
   and the extensions they reach;
 * per peer, ``accept``: the SMTP AUTH login (and its ``mailgw passwd`` hash) the peer's gateway
   must use when it relays to us, and/or the DKIM key its relayed mail must be signed with.
-  Requests from a peer domain with ``accept`` are executed only with every proof configured;
+  Requests from a peer domain with ``accept`` are executed only when proven: with every proof
+  configured (``require: all``, the default), or with one of them (``require: any``);
 * ``sign``: this gateway's own DKIM key, to sign what it relays.
 
 Loading gives frozen dataclasses; the decisions over them are plain functions here and in
@@ -40,6 +41,18 @@ class TlsMode(StrEnum):
     MAY = "may"            # STARTTLS when offered, certificate not checked (MX delivery, like Postfix's "may")
 
 
+class Proof(StrEnum):
+    """A way a peer gateway proves that a relayed request really comes from it."""
+
+    LOGIN = "login"  # it logged in with SMTP AUTH (after STARTTLS) as the peer
+    DKIM = "dkim"    # the mail carries a valid DKIM signature by the peer's domain
+
+
+class Require(StrEnum):
+    ALL = "all"  # every proof configured (the default: a stolen password alone, or a replayed signed mail, is not enough)
+    ANY = "any"  # one of them is enough (e.g. while a peer moves from AUTH to DKIM)
+
+
 @dataclass(frozen=True)
 class PeerAcceptance:
     """How a peer gateway proves itself when it relays to us."""
@@ -47,6 +60,12 @@ class PeerAcceptance:
     login: str | None = None                   # SMTP AUTH user name the peer logs in with ...
     secret: str | None = field(default=None, repr=False)  # ... and its scrypt hash (mailgw passwd)
     dkim: DkimKey | None = None                # and/or: its mail is DKIM-signed by its domain with this key
+    require: Require = Require.ALL             # with both configured: both, or either
+
+    @property
+    def proofs(self) -> tuple[Proof, ...]:
+        """The proofs configured for this peer (none: requests from its domain are not trusted as relayed)."""
+        return tuple(p for p, configured in ((Proof.LOGIN, self.login), (Proof.DKIM, self.dkim)) if configured)
 
 
 @dataclass(frozen=True)
@@ -93,11 +112,6 @@ class Destinations:
     own_numbers: tuple[OwnRange, ...] = ()
     sign: Signing | None = None
 
-    @property
-    def dkim_keys(self) -> tuple[DkimKey, ...]:
-        """The peers' DKIM keys: mail claiming their domains must carry their valid signature."""
-        return tuple(p.accept.dkim for p in self.peers if p.accept.dkim is not None)
-
     def peer(self, domain: str) -> Destination | None:
         return next((p for p in self.peers if p.domain == domain.lower()), None)
 
@@ -138,6 +152,15 @@ def to_external(extension: str, ranges: tuple[OwnRange, ...]) -> str | None:
         if extension.startswith(r.extension) and len(tail) == r.digits and tail.isdigit():
             return r.external + tail
     return None
+
+
+def unmet_proofs(accept: PeerAcceptance, proven: frozenset[Proof]) -> tuple[Proof, ...]:
+    """What is missing before a relayed request from the peer may run: nothing, or the proofs to
+    name in the refusal (under ``require: any``, all of them: one would have done)."""
+    configured = accept.proofs
+    if accept.require is Require.ANY:
+        return () if not configured or proven & set(configured) else configured
+    return tuple(p for p in configured if p not in proven)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -211,7 +234,7 @@ def _peer(domain: str, entry: Any, base: Path) -> Destination:
 def _acceptance(raw: Any, domain: str, where: str) -> PeerAcceptance:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}.accept: must be a mapping")
-    _no_unknown(raw, {"login", "secret", "dkim"}, f"{where}.accept.")
+    _no_unknown(raw, {"login", "secret", "dkim", "require"}, f"{where}.accept.")
     if bool(raw.get("login")) != bool(raw.get("secret")):
         raise ConfigError(f"{where}.accept: login and secret go together (secret from `mailgw passwd`)")
     dkim = raw.get("dkim")
@@ -221,7 +244,14 @@ def _acceptance(raw: Any, domain: str, where: str) -> PeerAcceptance:
             raise ConfigError(f"{where}.accept.dkim: needs selector and public_key (the p= of its DKIM record)")
         _no_unknown(dkim, {"selector", "public_key"}, f"{where}.accept.dkim.")
         key = DkimKey(domain, str(dkim["selector"]), "".join(str(dkim["public_key"]).split()))
-    return PeerAcceptance(login=raw.get("login"), secret=raw.get("secret"), dkim=key)
+    try:
+        require = Require(raw.get("require", "all"))
+    except ValueError:
+        raise ConfigError(f"{where}.accept.require: must be all (every proof configured) or any (one of them), "
+                          f"not {raw['require']!r}") from None
+    if "require" in raw and not (raw.get("login") or key):
+        raise ConfigError(f"{where}.accept.require: there is nothing to require: configure login/secret and/or dkim")
+    return PeerAcceptance(login=raw.get("login"), secret=raw.get("secret"), dkim=key, require=require)
 
 
 def _number_route(index: int, entry: Any) -> NumberRoute:

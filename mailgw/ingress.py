@@ -178,7 +178,6 @@ class IngressHandler:
         request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config,
                                 caller_number=relay.vouched_caller(raw, sender) if relay is not None else None)
         if request is not None and relay is not None:
-            relay.check_peer_request(request, sender)
             request = localise(request, relay.destinations.own_numbers, self.config.policy)
             if relay.for_number(raw, request, rcpt=rcpt, sender=sender, now=utcnow()) is not None:
                 return request  # another office's number: that office checks and runs it
@@ -195,7 +194,9 @@ class IngressHandler:
                          raw: bytes) -> ExchangeRequest | None:
         """The request if it may make the PBX act; None when it is only to be delivered as mail."""
         person = self.directory.by_address(request.sender)
-        keys = self.config.security.dkim + (self.relay.destinations.dkim_keys if self.relay is not None else ())
+        if self.relay is not None:  # from a peer office's domain: proven as destinations.yaml `accept` says
+            sender = self.relay.peer_sender(request, sender, raw)
+        keys = self.config.security.dkim
         dkim_domains = frozenset(k.domain for k in keys)
         # Only mail claiming a listed domain pays for the RSA check.
         signed_by = dkim_signer(raw, keys) if request.sender.rpartition("@")[2].lower() in dkim_domains else None

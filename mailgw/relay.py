@@ -36,7 +36,7 @@ import dkim
 
 from .auth import Sender, Trust, dkim_signer, same_person
 from .config import Config
-from .destinations import Destination, Destinations, domain_for_number, to_external
+from .destinations import Destination, Destinations, Proof, Require, domain_for_number, to_external, unmet_proofs
 from .directory import Directory, normalise_address
 from .request import ExchangeRequest, parse_request
 from .spool import write_durably
@@ -105,6 +105,20 @@ def unverified_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+_PROOF_WORDS = {Proof.LOGIN: "from its gateway, logged in (SMTP AUTH after STARTTLS)",
+                Proof.DKIM: "with a valid DKIM signature by {domain}"}
+
+
+def peer_refusal(domain: str, missing: tuple[Proof, ...], require: Require) -> Refused:
+    """The refusal of a request from peer ``domain`` that lacks ``missing``: RFC 7372's 5.7.20 when
+    only the DKIM signature is missing, else 5.7.1 (not authorised)."""
+    words = [_PROOF_WORDS[p].format(domain=domain) for p in missing]
+    joined = " or ".join(words) if require is Require.ANY else " and ".join(words)
+    status = "5.7.20" if missing == (Proof.DKIM,) else "5.7.1"
+    return Refused(550, status, f"requests from {domain} are accepted only {joined} "
+                                f"(destinations.yaml accept, require: {require})")
 
 
 @dataclass(frozen=True)
@@ -190,16 +204,24 @@ class Relay:
         return RelayCopy(f"{peer.service_mailbox}@{peer.domain}", peer.domain,
                          now + timedelta(seconds=request.monitor), self._caller(from_number))
 
-    def check_peer_request(self, request: ExchangeRequest, sender: Sender) -> None:
-        """A request from a peer office's domain is executed only when that office's gateway
-        relayed it and logged in as itself (``accept`` in the destination DB)."""
-        domain = request.sender.rpartition("@")[2]
-        peer = self.destinations.peer(domain)
-        if peer is None or peer.accept.login is None:
-            return
-        if sender.trust is not Trust.PEER or sender.login != peer.domain:
-            raise Refused(550, "5.7.1", f"requests from {domain} are accepted only from its gateway, "
-                                        "authenticated (SMTP AUTH after STARTTLS, destinations.yaml accept)")
+    def peer_sender(self, request: ExchangeRequest, sender: Sender, raw: bytes) -> Sender:
+        """Who a request from a peer office's domain is trusted as: its gateway (``Trust.PEER``,
+        so the request runs as from its sender) when proven as ``accept`` in the destination DB
+        requires: logged in as the peer, and/or signed with the peer's DKIM key. Refused otherwise;
+        any other request keeps ``sender``."""
+        peer = self.destinations.peer(request.sender.rpartition("@")[2])
+        if peer is None or not peer.accept.proofs:
+            return sender
+        accept = peer.accept
+        proven = {Proof.LOGIN} if sender.trust is Trust.PEER and sender.login == peer.domain else set()
+        # RSA only when the signature can still decide: under `any`, a login is enough.
+        if accept.dkim is not None and (accept.require is Require.ALL or not proven) \
+                and dkim_signer(raw, (accept.dkim,)) == peer.domain:
+            proven.add(Proof.DKIM)
+        missing = unmet_proofs(accept, frozenset(proven))
+        if not missing:
+            return sender if sender.trust is Trust.PEER else Sender(Trust.PEER, sender.peer, peer.domain)
+        raise peer_refusal(peer.domain, missing, accept.require)
 
     def _check_sender(self, raw: bytes, mail_from: str, sender: Sender) -> str | None:
         """Who the mail is from; Refused when this client may not have it relayed."""

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mailgw.config import ConfigError, HostPort, load_config
-from mailgw.destinations import (Destination, Destinations, NumberRoute, OwnRange, TlsMode, domain_for_number,
-                                 load_destinations, localise, to_extension, to_external)
+from mailgw.config import ConfigError, DkimKey, HostPort, load_config
+from mailgw.destinations import (Destination, Destinations, NumberRoute, OwnRange, PeerAcceptance, Proof, Require,
+                                 TlsMode, domain_for_number, load_destinations, localise, to_extension, to_external,
+                                 unmet_proofs)
 from mailgw.directory import load_directory
 from mailgw.outbound import next_retry
 from mailgw.relay import caller_number, check_hops, hop_count, received_header
@@ -23,6 +24,7 @@ from mailgw.status import Refused
 
 CONFIG = load_config(None)
 DIRECTORY = load_directory(shipped("config", "directory.yaml"))
+DKIM_KEY = DkimKey("a.example", "mail", "MIIB")
 PEER_B = Destination("b.example", HostPort("127.0.0.1", 2526))
 DB = Destinations(peers=(PEER_B,), numbers=(NumberRoute("044890XXXX", "b.example"),),
                   own_numbers=(OwnRange("035555", "", 4), OwnRange("0120", "", 3)))
@@ -58,10 +60,39 @@ def test_the_shipped_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"sign": {"domain": "a.example", "selector": "mail"}}, "sign: needs domain, selector and key"),
     ({"sign": {"domain": "a.example", "selector": "mail", "key": "missing.pem"}}, "sign.key: cannot read"),
     ({"destinations": {"b.example": {"host": "h:25", "accept": {"dkim": {"selector": "s"}}}}}, "needs selector and public_key"),
+    ({"destinations": {"b.example": {"host": "h:25", "accept": {"login": "b", "secret": "s", "require": "either"}}}},
+     "destinations.b.example.accept.require: must be all .* or any .*, not 'either'"),
+    ({"destinations": {"b.example": {"host": "h:25", "accept": {"require": "any"}}}},
+     "accept.require: there is nothing to require"),
 ])
 def test_bad_destination_db_names_the_key(tmp_path: Path, data: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_destinations(write(tmp_path, data))
+
+
+def test_accept_require_is_read_and_defaults_to_all(tmp_path: Path) -> None:
+    dkim = {"selector": "mail", "public_key": "MIIB"}
+    db = load_destinations(write(tmp_path, {"destinations": {
+        "b.example": {"host": "h:25", "accept": {"login": "b", "secret": "s", "dkim": dkim}},
+        "c.example": {"host": "h:25", "accept": {"login": "c", "secret": "s", "dkim": dkim, "require": "any"}}}}))
+    assert [p.accept.require for p in db.peers] == [Require.ALL, Require.ANY]
+    assert db.peers[1].accept.proofs == (Proof.LOGIN, Proof.DKIM)
+
+
+@pytest.mark.parametrize(("require", "proven", "missing"), [
+    (Require.ALL, set(), (Proof.LOGIN, Proof.DKIM)),
+    (Require.ALL, {Proof.LOGIN}, (Proof.DKIM,)),
+    (Require.ALL, {Proof.DKIM}, (Proof.LOGIN,)),
+    (Require.ALL, {Proof.LOGIN, Proof.DKIM}, ()),
+    (Require.ANY, set(), (Proof.LOGIN, Proof.DKIM)),
+    (Require.ANY, {Proof.LOGIN}, ()),
+    (Require.ANY, {Proof.DKIM}, ()),
+])
+def test_unmet_proofs(require: Require, proven: set[Proof], missing: tuple[Proof, ...]) -> None:
+    both = PeerAcceptance(login="a.example", secret="s", dkim=DKIM_KEY, require=require)
+    assert unmet_proofs(both, frozenset(proven)) == missing
+    assert unmet_proofs(PeerAcceptance(), frozenset()) == ()  # nothing configured: nothing to prove
+    assert unmet_proofs(replace(both, dkim=None), frozenset(proven & {Proof.DKIM})) == (Proof.LOGIN,)
 
 
 @pytest.mark.parametrize(("external", "extension"), [

@@ -88,15 +88,17 @@ class Federation:
         return self._config(self.a, dests, None, relay)
 
     def config_b(self, *, accept_password: str = PEER_A_PASSWORD, accept_login: bool = True,
-                 accept_dkim: str | None = None, **relay: object) -> Config:
+                 accept_dkim: str | None = None, require: str | None = None, **relay: object) -> Config:
         """Gateway b; it accepts a's relayed requests with AUTH (``accept_login``) and/or a's DKIM
-        signature (``accept_dkim``: a's public key)."""
+        signature (``accept_dkim``: a's public key), both or either (``require``: all, any)."""
         peer_a = peer_entry(self.a, login="b.example", password=PEER_B_PASSWORD, accept_login="a.example",
                             accept_password=accept_password)
         if not accept_login:
             del peer_a["accept"]
         if accept_dkim is not None:
             peer_a.setdefault("accept", {})["dkim"] = {"selector": "mail", "public_key": accept_dkim}
+        if require is not None:
+            peer_a["accept"]["require"] = require
         dests = write_yaml(self.b.root / "destinations.yaml", {
             "destinations": {"a.example": peer_a},
             "numbers": [{"pattern": "035555XXXX", "domain": "a.example"}],
@@ -387,35 +389,67 @@ async def test_relay_queue_survives_a_restart_of_the_sending_gateway(federation:
 
 # --- DKIM as the peer's proof -----------------------------------------------------------------------
 
+async def relay_a_request_and_run_it(a: Gateway, b: Gateway) -> bytes:
+    """Alice at a asks for Bob at b: the request runs at b with the caller number a vouched for;
+    the mail as b stored it."""
+    reply = await submit(a.smtp_port, request_mail("alice@a.example", "bob@b.example", "action: connect\n"))
+    assert reply.code == 250, reply
+    executed = await wait_message(b.store, lambda m: m.rcpt_to == "bob@b.example")
+    assert executed.outcome == "answered"
+    assert [(c.from_number, c.to_number) for c in placed_calls(b)] == [("0355552000", "2001")]
+    return b.spool.path_for(executed.id).read_bytes()
+
+
 async def test_peer_proven_by_dkim_alone(federation: Federation, a_dkim_key: tuple[bytes, str]) -> None:
     """b checks a's DKIM signature instead of a login: a signs what it relays, and connects without AUTH."""
     private, public = a_dkim_key
     async with both(federation, {"sign": private, "login": False}, accept_login=False, accept_dkim=public) as (a, b):
-        reply = await submit(a.smtp_port, request_mail("alice@a.example", "bob@b.example", "action: connect\n"))
-        assert reply.code == 250, reply
-        executed = await wait_message(b.store, lambda m: m.rcpt_to == "bob@b.example")
-        assert executed.outcome == "answered"
-        # The caller header is under a's signature, so b believed it.
-        assert [(c.from_number, c.to_number) for c in placed_calls(b)] == [("0355552000", "2001")]
-        relayed = b.spool.path_for(executed.id).read_bytes()
+        relayed = await relay_a_request_and_run_it(a, b)  # the caller header is under a's signature: believed
         assert b"\r\nDKIM-Signature: " in relayed and b"d=a.example" in relayed
 
         # Straight to b without a's signature (b trusts no network): refused, nothing rings.
         forged = await submit(b.smtp_port, request_mail("alice@a.example", "cti@b.example",
                                                         "to: 2003\nfrom: 0355552000\n"))
-        assert (forged.code, forged.text[:5]) == (550, "5.7.1") and "DKIM" in forged.text, forged
+        assert (forged.code, forged.text.split()[0]) == (550, "5.7.20") and "DKIM" in forged.text, forged
         assert len(placed_calls(b)) == 1
 
 
-async def test_peer_needing_both_proofs_refuses_an_unsigned_relay(federation: Federation,
-                                                                  a_dkim_key: tuple[bytes, str]) -> None:
-    """b wants AUTH and DKIM; a logs in but does not sign: b refuses, and Alice gets b's 5.7.1 back."""
-    _, public = a_dkim_key
-    async with both(federation, accept_dkim=public) as (a, b):
+@pytest.mark.parametrize(("signs", "logs_in", "status"), [(False, True, "5.7.20"), (True, False, "5.7.1")],
+                         ids=["logged-in-unsigned", "signed-not-logged-in"])
+async def test_peer_needing_both_proofs_refuses_a_relay_with_one(federation: Federation, a_dkim_key: tuple[bytes, str],
+                                                                signs: bool, logs_in: bool, status: str) -> None:
+    """b wants AUTH and DKIM (require: all, the default); a brings one: b refuses, RFC 7372's 5.7.20
+    for the missing signature, 5.7.1 for the missing login, and Alice gets that code in the bounce."""
+    private, public = a_dkim_key
+    async with both(federation, {"sign": private if signs else None, "login": logs_in}, accept_dkim=public) as (a, b):
         reply = await submit(a.smtp_port, request_mail("alice@a.example", "bob@b.example", "action: connect\n"))
         assert reply.code == 250, reply
-        assert await bounce_status(a, reply.queue_id) == "5.7.1"
-        assert placed_calls(b) == []
+        assert await bounce_status(a, reply.queue_id) == status
+        assert placed_calls(b) == [] and await b.store.list_messages() == []
+
+
+@pytest.mark.parametrize("signs", [False, True], ids=["auth-only", "dkim-only"])
+async def test_peer_needing_any_proof_is_trusted_with_one_of_them(federation: Federation, a_dkim_key: tuple[bytes, str],
+                                                                 signs: bool) -> None:
+    """b lists a's login and a's DKIM key with require: any; a proves itself one way only (logs in,
+    or signs), and the request runs at b."""
+    private, public = a_dkim_key
+    async with both(federation, {"sign": private if signs else None, "login": not signs}, accept_dkim=public,
+                    require="any") as (a, b):
+        relayed = await relay_a_request_and_run_it(a, b)
+        assert (b"\r\nDKIM-Signature: " in relayed) is signs
+
+
+async def test_peer_needing_any_proof_refuses_a_request_with_neither(federation: Federation,
+                                                                    a_dkim_key: tuple[bytes, str]) -> None:
+    """require: any; straight to b, neither logged in as a's gateway nor signed by a: refused, naming both."""
+    _, public = a_dkim_key
+    async with federation.run(federation.config_b(accept_dkim=public, require="any")) as b:
+        forged = await submit(b.smtp_port, request_mail("alice@a.example", "cti@b.example",
+                                                        "to: 2001\nfrom: 0355552000\n"))
+        assert (forged.code, forged.text.split()[0]) == (550, "5.7.1"), forged
+        assert "logged in" in forged.text and " or with a valid DKIM signature by a.example" in forged.text
+        assert placed_calls(b) == [] and await b.store.list_messages() == []
 
 
 # --- DNS MX (relay.mx) ------------------------------------------------------------------------------
