@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import datetime
+from email import encoders
 from email.header import Header
 from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr, make_msgid
 from typing import Any
@@ -26,6 +30,7 @@ from jinja2 import TemplateError
 
 from .absence_reply import missed_call_message_id
 from .absence import DigestPreference, Pending, plan_sending, subject_name
+from .absence_recording import Recording, read_recording
 from .config import Config
 from .customers import display_number
 from .directory import Directory
@@ -84,7 +89,9 @@ class AbsenceMailer:
         customer = await self.store.customer(id=call.customer_id) if call.customer_id else None
         history = await self.store.list_incoming(caller_key=call.caller_key, before=call.started_at,
                                                  limit=self.config.absence.history) if call.caller_key else []
-        message = self.compose(notice, call, customer, history)
+        location = await self.store.recording_of(call.id)
+        recording = await read_recording(location, self.config) if location else None
+        message = self.compose(notice, call, customer, history, recording)
         entry = await self.outbox.prepare(message, rcpt_to=notice.recipient, request_id=None)
         await self.store.notice_queued([notice], entry)
         self.outbox.wake()
@@ -94,12 +101,20 @@ class AbsenceMailer:
     async def _send_digest(self, notices: list[NoticeRow]) -> None:
         """One mail for several missed calls of one person (``absence.digests``)."""
         entries = []
+        attachments: list[Attachment] = []
+        room = self.config.absence.recording_max_bytes  # for all the digest's recordings together
         for notice in notices:
             call = await self.store.incoming_call(notice.call_id)
             if call is None:
                 continue
             customer = await self.store.customer(id=call.customer_id) if call.customer_id else None
-            entries.append(self.context(notice, call, customer, [], notice.language))
+            location = await self.store.recording_of(call.id)
+            recording = await read_recording(location, self.config, room) if location else None
+            entry = self.context(notice, call, customer, [], notice.language, recording)
+            if recording is not None and recording.attached:
+                room -= len(recording.data)
+                attachments.append(Attachment(recording.data, recording.content_type, entry["recording"]["filename"]))
+            entries.append(entry)
         first = notices[0]
         language = first.language if first.language in LANGUAGES else "en"
         context = {"calls": entries, "count": len(entries), "recipient": first.recipient,
@@ -111,26 +126,25 @@ class AbsenceMailer:
             log.error("template absence_digest.%s.txt failed (%s); using the built-in wording", language, exc)
             subject = f"Missed calls: {len(entries)}"
             body = "".join(f"{e['started_at']}  {e['who']}  {e['tel']}\n" for e in entries)
-        message = self._message(first.recipient, subject, body)
+        message = notice_mail(self.config, first.recipient, subject, body, attachments=attachments)
         message["X-CTI-Calls"] = ", ".join(e["call_id"] for e in entries)
         entry = await self.outbox.prepare(message, rcpt_to=first.recipient, request_id=None)
         await self.store.notice_queued(notices, entry)
         self.outbox.wake()
         log.info("digest of %d missed call(s): mail to %s queued", len(entries), first.recipient)
 
-    def _message(self, recipient: str, subject: str, body: str) -> Message:
-        return notice_mail(self.config, recipient, subject, body)
-
     def compose(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
-                history: list[IncomingRow]) -> Message:
+                history: list[IncomingRow], recording: Recording | None = None) -> Message:
         language = notice.language if notice.language in LANGUAGES else "en"
-        context = self.context(notice, call, customer, history, language)
+        context = self.context(notice, call, customer, history, language, recording)
         try:
             subject, body = self.notifier.render(f"absence.{language}.txt", context)
         except (TemplateError, OSError, ValueError) as exc:
             log.error("template absence.%s.txt failed (%s); using the built-in wording", language, exc)
             subject, body = _fallback(context)
-        message = self._message(notice.recipient, subject, body)
+        attachments = [Attachment(recording.data, recording.content_type, context["recording"]["filename"])] \
+            if recording is not None and recording.attached else []
+        message = notice_mail(self.config, notice.recipient, subject, body, attachments=attachments)
         # Names the call and the caller, so that a reply "call" calls back (absence_reply.py).
         message.replace_header("Message-ID", missed_call_message_id(call.id, call.caller_key, self.config.domains[0]))
         message["X-CTI-Call"] = call.id
@@ -138,7 +152,7 @@ class AbsenceMailer:
         return message
 
     def context(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
-                history: list[IncomingRow], language: str) -> dict[str, Any]:
+                history: list[IncomingRow], language: str, recording: Recording | None = None) -> dict[str, Any]:
         region = self.config.numbering.region
         customer = customer or {}
         withheld = call.caller is None
@@ -166,6 +180,9 @@ class AbsenceMailer:
                          "answered_by": self._person(h.answered_by) if h.answered_by else ""} for h in history],
             "recipient": notice.recipient,
             "domain": self.config.domains[0],
+            "recording": recording.context(self.config.absence.recording_max_bytes,
+                                           f"voice-message-{_local(call.started_at, '%Y%m%d-%H%M%S')}{recording.suffix}")
+            if recording is not None else None,
         }
 
     def _person(self, extension: str) -> str:
@@ -173,11 +190,32 @@ class AbsenceMailer:
         return f"{person.name} ({extension})" if person else extension
 
 
+@dataclass(frozen=True)
+class Attachment:
+    data: bytes
+    content_type: str
+    filename: str
+
+    def part(self) -> Message:
+        maintype, _, subtype = self.content_type.partition("/")
+        part = MIMEBase(maintype, subtype or "octet-stream")
+        part.set_payload(self.data)
+        encoders.encode_base64(part)
+        part.add_header("Content-Disposition", "attachment", filename=self.filename)
+        return part
+
+
 def notice_mail(config: Config, recipient: str, subject: str, body: str, *,
-                auto_submitted: str = "auto-generated") -> Message:
-    """A plain-text notice from the gateway (UTF-8 unless it is all ASCII); RFC 3834 marks it
-    automatic so that no auto-reply answers it."""
-    message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
+                auto_submitted: str = "auto-generated", attachments: list[Attachment] | tuple[()] = ()) -> Message:
+    """A plain-text notice from the gateway (UTF-8 unless it is all ASCII), with ``attachments``
+    after the text (multipart/mixed); RFC 3834 marks it automatic so that no auto-reply answers it."""
+    message: Message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
+    if attachments:
+        mixed = MIMEMultipart("mixed")
+        mixed.attach(message)
+        for attachment in attachments:
+            mixed.attach(attachment.part())
+        message = mixed
     message["From"] = formataddr(("mailgw", config.sender_address))
     message["To"] = recipient
     message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")

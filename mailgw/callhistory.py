@@ -105,6 +105,7 @@ class CallHistory:
         region = self.config.numbering.region
         rows: list[IncomingRow] = []
         notices: list[NoticeRow] = []
+        recordings = {call.call_id: call.recording for call in latest.values() if call.recording}
         absent: frozenset[str] | None = None
         for call in latest.values():
             key = number_key(call.caller, region)
@@ -126,7 +127,7 @@ class CallHistory:
             log.info("incoming call %s from %s ended: %s%s", call.call_id, "withheld" if call.caller is None else
                      call.caller, f"answered by {call.answered_by}" if call.answered_by else "nobody answered",
                      f"; missed-call mail to {notice.recipient}" if notice else "")
-        await self.store.record_incoming(rows, notices)
+        await self.store.record_incoming(rows, notices, recordings)
         if notices:
             self.on_notice()
         for listener in tuple(self.listeners):

@@ -201,6 +201,10 @@ class AbsenceConfig:
 
     # Batched missed-call mail per person: address -> (calls, every seconds); see absence.DigestPreference.
     digests: tuple[tuple[str, int | None, float | None], ...] = ()
+    # Where recordings the PBX names may be read from (directories, http(s) URL prefixes); empty:
+    # the simulator's <data_dir>/sim-recordings and /var/spool/asterisk. See absence_recording.py.
+    recordings: tuple[str, ...] = ()
+    recording_max_bytes: int = 5 * 1024 * 1024  # bigger recordings are not attached (the mail says so)
 
     def phrases(self, language: str) -> tuple[str, ...]:
         table = dict(self.memo_phrases)
@@ -393,7 +397,8 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         relay=_relay(_section(raw, "relay", {"mx", "retry_interval", "max_retry_interval", "give_up_after",
                                              "max_hops", "dns", "mx_port"}), d.relay),
         absence=_absence(_section(raw, "absence", {"enabled", "representative", "notify_unanswered", "history",
-                                                        "poll_interval", "memo_phrases", "digests"}),
+                                                        "poll_interval", "memo_phrases", "digests",
+                                                        "recordings", "recording_max_bytes"}),
                          d.absence),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
@@ -438,7 +443,13 @@ def _absence(raw: dict[str, Any], d: AbsenceConfig) -> AbsenceConfig:
         if calls is not None and calls < 1:
             raise ConfigError(f"{where}.calls: must be at least 1")
         digests.append((str(address).strip().lower(), calls, every))
+    recordings = raw.get("recordings", list(d.recordings))
+    if not isinstance(recordings, (list, tuple)) or not all(
+            isinstance(r, str) and (r.startswith(("/", "http://", "https://"))) for r in recordings):
+        raise ConfigError("absence.recordings: must be a list of absolute directories or http(s):// URL prefixes")
+    max_bytes = _size(raw.get("recording_max_bytes"), d.recording_max_bytes, "absence.recording_max_bytes")
     return AbsenceConfig(
+        recordings=tuple(recordings), recording_max_bytes=max_bytes,
         digests=tuple(digests),
         enabled=_bool(raw, "enabled", d.enabled, "absence."),
         representative=representative.strip().lower() if representative else None,

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from .absence_mail import AbsenceMailer
 from .absence_mailcmd import AbsenceByMail
+from .absence_recording import sim_recordings
 from .callhistory import CallHistory
 from .campon import Campons
 from .config import Config
@@ -108,7 +109,7 @@ class Gateway:
             phones=sim.phones, username=ami.username, secret=ami.secret, time_scale=sim.time_scale,
             dial_context=self.config.pbx.dial_context, connect_context=self.config.pbx.connect_context,
             # Like Asterisk's sounds directory: the media spool, then the shipped sample prompts.
-            media_dirs=[spool_dir(self.config), shipped("media")])
+            media_dirs=[spool_dir(self.config), shipped("media")], recording_dir=sim_recordings(self.config))
         port = await self.simulator.start(ami.host, ami.port)
         if port != ami.port:  # port 0 in the config: tell the driver where the simulator listens
             self.config = replace(self.config, pbx=replace(self.config.pbx, ami=replace(ami, port=port)))

@@ -741,9 +741,11 @@ class Store:
     # --- call history, customers, absence (mailgw/callhistory.py, customers.py, absence.py) ------
     # Tables in ABSENCE_SCHEMA at the end of this module.
 
-    async def record_incoming(self, calls: list["IncomingRow"], notices: list["NoticeRow"]) -> None:
+    async def record_incoming(self, calls: list["IncomingRow"], notices: list["NoticeRow"],
+                              recordings: dict[str, str] | None = None) -> None:
         """Write the latest snapshot of each incoming call, and the missed-call notices decided
-        for the ones that ended, in one transaction (a notice exists iff its call's end does)."""
+        for the ones that ended, in one transaction (a notice exists iff its call's end does);
+        ``recordings``: call id -> where the PBX put its recording."""
         statements: Statements = [(
             "INSERT INTO incoming_calls (id, started_at, caller, caller_key, caller_name, exten, rung, answered_by,"
             " answered_at, ended_at, cause, ended_unseen, customer_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -755,9 +757,16 @@ class Store:
             (c.id, _ts(c.started_at), c.caller, c.caller_key, c.caller_name, c.exten, ",".join(c.rung),
              c.answered_by, _ts(c.answered_at), _ts(c.ended_at), c.cause, int(c.ended_unseen), c.customer_id))
             for c in calls]
+        statements += [("INSERT OR REPLACE INTO incoming_recordings VALUES (?, ?)", item)
+                       for item in (recordings or {}).items()]
         now = _ts(utcnow())
         statements += [_notice_insert(n, now) for n in notices]
         await self._commit(statements)
+
+    async def recording_of(self, call_id: str) -> str | None:
+        """Where the PBX put the call's recording (a path or URL), if it made one."""
+        rows = await self._read(self._query, "SELECT location FROM incoming_recordings WHERE call_id = ?", (call_id,))
+        return rows[0][0] if rows else None
 
     async def open_incoming(self) -> list["IncomingRow"]:
         """Incoming calls recorded as not yet ended (the gateway lost sight of them)."""
@@ -1085,6 +1094,11 @@ CREATE TABLE IF NOT EXISTS absence_notices (
     PRIMARY KEY (call_id, kind)
 );
 CREATE INDEX IF NOT EXISTS absence_notices_pending ON absence_notices(state) WHERE state = 'pending';
+
+CREATE TABLE IF NOT EXISTS incoming_recordings (
+    call_id  TEXT PRIMARY KEY REFERENCES incoming_calls(id),
+    location TEXT NOT NULL           -- path or URL of the recording, as the PBX's channel variable gave it
+);
 """
 
 CUSTOMER_COLUMNS = ("name", "department", "contact", "phone", "fax", "address", "importance", "owner",

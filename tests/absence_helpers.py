@@ -72,12 +72,15 @@ class CallEnds:
 
 
 async def place_incoming(gw: Gateway, caller: str | None, to: str, *, answer: str | None = None,
-                         ring_time: float = 20.0) -> str:
-    """An incoming call from outside on the simulator (SimIncoming over AMI); its trunk Uniqueid."""
+                         ring_time: float = 20.0, message: Path | None = None) -> str:
+    """An incoming call from outside on the simulator (SimIncoming over AMI); its trunk Uniqueid.
+    ``message``: an audio file the caller records as a voice message when nobody answers."""
     assert gw.pbx is not None
     fields = [("CallerID", caller or "withheld"), ("To", to), ("RingTime", f"{ring_time:g}")]
     if answer:
         fields.append(("Answer", answer))
+    if message is not None:
+        fields.append(("Message", str(message)))
     reply = await gw.pbx.client.action("SimIncoming", fields)
     assert reply.ok, reply
     return reply.get("Uniqueid") or ""

@@ -6,6 +6,11 @@ the trunk channel in the incoming context (its Uniqueid is the call's Linkedid),
 (``Uniqueid`` the trunk, ``DestChannel`` the phone's channel), DialEnd with ``DialStatus: ANSWER``
 for the phone that answered, and finally Hangup of the trunk channel. ``track`` folds one event
 into the calls seen so far, a plain function over ``IncomingCall`` snapshots.
+
+A recording of the call (the caller's voice message) shows as a ``VarSet`` on any of the call's
+channels (``Linkedid`` the trunk's) of one of ``RECORDING_VARIABLES``: what Asterisk's ``Record()``
+(``RECORDED_FILE``, without extension), ``VoiceMail()`` (``VM_MESSAGEFILE``) and ``MixMonitor()``
+(``MIXMONITOR_FILENAME``) set, or ``MAILGW_RECORDING`` set by the dial plan (a path or a URL).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from datetime import datetime
 from .ami import Message
 from .port import IncomingCall
 
-INCOMING_EVENTS = ("Newchannel", "NewCallerid", "DialBegin", "DialEnd", "Hangup")
+INCOMING_EVENTS = ("Newchannel", "NewCallerid", "DialBegin", "DialEnd", "Hangup", "VarSet")
+RECORDING_VARIABLES = frozenset({"MAILGW_RECORDING", "RECORDED_FILE", "VM_MESSAGEFILE", "MIXMONITOR_FILENAME"})
 UNKNOWN = ("", "<unknown>", "anonymous", "unknown", "private", "withheld")
 PROHIBITED_FROM = 32  # Q.931 presentation indicator: 0x20 and above is "presentation prohibited"
 
@@ -47,6 +53,16 @@ def track(calls: dict[str, IncomingCall], msg: Message, context: str, now: datet
     """
     event = msg.event
     uid = msg.get("Uniqueid") or ""
+    if event == "VarSet":  # on the trunk or a rung phone's channel: the call is their Linkedid
+        current = calls.get(msg.get("Linkedid") or uid)
+        value = (msg.get("Value") or "").strip()
+        if current is None or (msg.get("Variable") or "").upper() not in RECORDING_VARIABLES or not value:
+            return None
+        if value == current.recording:
+            return None
+        call = replace(current, recording=value)
+        calls[call.call_id] = call
+        return call
     if event == "Newchannel":
         if msg.get("Context") != context or uid != (msg.get("Linkedid") or uid) or uid in calls:
             return None

@@ -5,7 +5,9 @@
                                                         change a simulated phone (SimPhone); --digit is
                                                         the key it presses when a call asks it (Read())
     mailgw phone call --from 0312345678 --to 2000 [--answered-by 2001 | --nobody-answers] [--withheld]
-                                                        an incoming call from outside (SimIncoming)
+                      [--leaves-message FILE]           an incoming call from outside (SimIncoming); with
+                                                        --leaves-message the caller records FILE (audio)
+                                                        as a voice message when nobody answers
     mailgw phone forward 2000 0312345678                call forward in AstDB CF/2000 (DBPut)
     mailgw phone unforward 2000                         remove it (DBDel)
     mailgw phone calls                                  the simulator's call log (SimCalls)
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 from .ami import Message
@@ -50,6 +53,7 @@ def register(subparsers: Any) -> None:
     who.add_argument("--nobody-answers", action="store_true")
     phone.add_argument("--withheld", action="store_true", help="the caller withholds the number")
     phone.add_argument("--ring-time", type=float, metavar="S")
+    phone.add_argument("--leaves-message", metavar="FILE", help="audio the caller records when nobody answers")
     phone.set_defaults(run=run)
 
 
@@ -72,6 +76,8 @@ def build_action(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
             fields["RingTime"] = f"{args.ring_time:g}"
         if args.talk_time is not None:
             fields["TalkTime"] = f"{args.talk_time:g}"
+        if args.leaves_message:
+            fields["Message"] = str(Path(args.leaves_message).resolve())  # the simulator reads it
         return "SimIncoming", fields
     if words[0] == "forward" and len(words) == 3:
         return "DBPut", {"Family": "CF", "Key": words[1], "Val": words[2]}

@@ -181,7 +181,8 @@ class IncomingCall:
     network gave, None when it was withheld. ``rung`` lists the extensions it rang, in order;
     ``answered_by`` the one that answered, None while nobody has. ``ended_at`` is set when the
     caller's channel hung up; ``ended_unseen`` when the call was found gone after the gateway had
-    lost sight of it (restart, AMI reconnect), so how it went on is unknown.
+    lost sight of it (restart, AMI reconnect), so how it went on is unknown. ``recording`` is
+    where the PBX put a recording of the call (``incoming.RECORDING_VARIABLES``), if it made one.
     """
 
     call_id: str
@@ -195,6 +196,7 @@ class IncomingCall:
     ended_at: datetime | None = None
     cause: int | None = None
     ended_unseen: bool = False
+    recording: str | None = None    # a path or URL the PBX set in a channel variable (a voice message)
 
 
 IncomingCallback = Callable[[IncomingCall], None]

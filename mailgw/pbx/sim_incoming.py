@@ -8,6 +8,12 @@
 * ``Answer``: ``<ext>`` (that phone answers, after its ``answer_after``), ``nobody``, or absent
   (each phone does what its behaviour says; the first to answer wins).
 * ``RingTime`` (seconds the caller lets it ring, default 20), ``TalkTime`` (default: the phone's).
+* ``Message``: an audio file (absolute path) the caller leaves as a voice message when nobody
+  answers: the dial plan goes on with ``Answer()`` and ``Record(<dir>/<Uniqueid>.<ext>)`` on the
+  trunk channel, as ``exten => s,n,Record(...)`` after a ``Dial`` would. The simulator copies the
+  file there (``recording_dir``) and emits what Asterisk's Record() does: Newstate Up of the
+  trunk, VarSet ``RECORDED_FILE`` (the path without extension), after ``MESSAGE_SECONDS`` VarSet
+  ``RECORD_STATUS`` ``HANGUP`` and the caller's Hangup (cause 16).
 
 Reply: ``Response: Success``, ``Message: Incoming call queued``, ``Channel``, ``Uniqueid``
 (the trunk channel ``PJSIP/trunk-0000000N``). Then the events a real Asterisk emits for a trunk
@@ -28,6 +34,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .ami import Field, Message
@@ -39,6 +46,7 @@ if TYPE_CHECKING:
 
 INCOMING_CONTEXT = "from-trunk"
 DEFAULT_RING_TIME = 20.0
+MESSAGE_SECONDS = 5.0  # how long the caller speaks a voice message (times time_scale)
 PRES_ALLOWED = "0 (Presentation Allowed, Not Screened)"
 PRES_PROHIBITED = "32 (Presentation Prohibited, Not Screened)"
 
@@ -73,6 +81,14 @@ class IncomingCalls:
             session.respond(msg, "Error", ("Message", "Invalid RingTime or TalkTime"))
             return
         answer = (msg.get("Answer") or "").strip()
+        message_file = (msg.get("Message") or "").strip()
+        message = None
+        if message_file:
+            try:
+                message = (await asyncio.to_thread(Path(message_file).read_bytes), Path(message_file).suffix or ".wav")
+            except OSError as exc:
+                session.respond(msg, "Error", ("Message", f"Message file not readable: {exc.strerror or exc}"))
+                return
         request = OriginateRequest(
             channel="PJSIP/trunk", context=INCOMING_CONTEXT, exten=to[0], priority=1, application=None,
             data=None, timeout=ring_time, caller_id=(name, number), channel_id=None, other_channel_id=None,
@@ -88,7 +104,8 @@ class IncomingCalls:
         self._calls.add(call)
         session.respond(msg, "Success", ("Message", "Incoming call queued"), ("Channel", trunk.name),
                         ("Uniqueid", trunk.uniqueid))
-        call.task = asyncio.create_task(self._run_incoming(call, trunk, to, answer, ring_time, talk_time, withheld))
+        call.task = asyncio.create_task(
+            self._run_incoming(call, trunk, to, answer, ring_time, talk_time, withheld, message))
 
     def _trunk_channel(self: Any, call: Any, exten: str, name: str, number: str) -> Channel:
         from .simulator import Channel
@@ -101,7 +118,8 @@ class IncomingCalls:
         return channel
 
     async def _run_incoming(self: Any, call: Any, trunk: Channel, to: list[str], answer: str,
-                            ring_time: float, talk_time: float | None, withheld: bool) -> None:
+                            ring_time: float, talk_time: float | None, withheld: bool,
+                            message: tuple[bytes, str] | None = None) -> None:
         from .simulator import channel_event
 
         try:
@@ -112,7 +130,7 @@ class IncomingCalls:
             rungs = [self._ring_extension(call, trunk, self.forwarded(t)) for t in to]
             winner = await self._wait_for_answer(call, trunk, rungs, answer, ring_time)
             if winner is None:
-                await self._nobody_answered(call, trunk, rungs)
+                await self._nobody_answered(call, trunk, rungs, message)
                 return
             await self._talk(call, trunk, winner, rungs, talk_time)
         finally:
@@ -173,7 +191,8 @@ class IncomingCalls:
             return None
         return winner
 
-    async def _nobody_answered(self: Any, call: Any, trunk: Channel, rungs: list[_Rung]) -> None:
+    async def _nobody_answered(self: Any, call: Any, trunk: Channel, rungs: list[_Rung],
+                               message: tuple[bytes, str] | None = None) -> None:
         from .simulator import dial_event
 
         caller_gone = call.hangup.done()
@@ -186,12 +205,31 @@ class IncomingCalls:
                 rung.done = True
         busy = all(r.attempt is CallAttempt.BUSY for r in rungs)
         cause = 16 if caller_gone else (17 if busy else 19)
+        if message is not None and not caller_gone:
+            await self._record_message(call, trunk, *message)
+            cause = 16  # the caller hangs up after speaking
         self._hangup(trunk, cause)
         rec = call.record
         rec.to_outcome = CallOutcome.BUSY if busy else CallOutcome.NO_ANSWER
         rec.from_outcome = rec.to_outcome
         rec.to_cause = cause
         rec.ended_at = time.time()
+
+    async def _record_message(self: Any, call: Any, trunk: Channel, audio: bytes, suffix: str) -> None:
+        """``Answer()`` then ``Record(<dir>/<Uniqueid><suffix>)``: the caller leaves a voice message."""
+        from .simulator import channel_fields
+
+        def var_set(name: str, value: str) -> list[Field]:
+            return [("Event", "VarSet"), ("Privilege", "dialplan,all"), *channel_fields(trunk),
+                    ("Variable", name), ("Value", value)]
+
+        base = self.recording_dir / trunk.uniqueid
+        await asyncio.to_thread(_write_recording, base.with_name(base.name + suffix), audio)
+        self._set_state(trunk, 6)
+        trunk.application, trunk.app_data = "Record", f"{base}{suffix}"
+        self._broadcast(var_set("RECORDED_FILE", str(base)))  # Record() sets it without the extension
+        await self._pause(call, MESSAGE_SECONDS)
+        self._broadcast(var_set("RECORD_STATUS", "HANGUP"))
 
     async def _talk(self: Any, call: Any, trunk: Channel, winner: _Rung, rungs: list[_Rung],
                     talk_time: float | None) -> None:
@@ -230,6 +268,11 @@ class IncomingCalls:
         self._phone_activity(winner.phone, talking=-1)
         rec.to_cause = cause
         rec.ended_at = time.time()
+
+
+def _write_recording(path: Path, audio: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(audio)
 
 
 def channel_event_of(sim: Any, name: str, channel: Channel, *extra: Field) -> list[Field]:

@@ -81,7 +81,7 @@ Simulator-only actions (not in Asterisk; the ``Sim`` prefix cannot collide with 
 
 Events emitted: Newchannel, Newstate, LocalBridge, DialBegin, DialState, DialEnd,
 OriginateResponse, HangupRequest, SoftHangupRequest, Hangup (Cause + Cause-txt), BridgeCreate,
-BridgeEnter, BridgeLeave, BridgeDestroy, VarSet (PLAYBACKSTATUS; Read()'s variable and READSTATUS),
+BridgeEnter, BridgeLeave, BridgeDestroy, VarSet (PLAYBACKSTATUS; Read()'s variable and READSTATUS; Record()'s RECORDED_FILE and RECORD_STATUS),
 DTMFBegin/DTMFEnd (a key pressed during Read()), DeviceStateChange (Local
 devices and phones), ExtensionStatus (phones), FullyBooted, SuccessfulAuth, InvalidPassword.
 Deliberately not emitted (dial-plan noise no client should depend on): Newexten, most VarSet,
@@ -106,6 +106,7 @@ import logging
 import math
 import re
 import secrets
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -601,6 +602,7 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         connect_context: str = "mailgw-connect",
         dialplans: Iterable[str | Path] = (),
         media_dirs: Iterable[str | Path] = (),
+        recording_dir: str | Path | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -617,6 +619,9 @@ class AmiSimulator(ManagerActions, IncomingCalls):
         self.dialplan = load_dialplans(
             dialplans, product_dialplan(dial_context, connect_context, RING_TIMEOUT_VARIABLE))
         self.media_dirs = [Path(d) for d in media_dirs]
+        # Where Record() writes voice messages callers leave (SimIncoming Message:), like
+        # /var/spool/asterisk; the gateway gives its data directory's sim-recordings.
+        self.recording_dir = Path(recording_dir) if recording_dir else Path(tempfile.gettempdir()) / "mailgw-sim-recordings"
         self.device_states: dict[str, DeviceState] = {
             device: DeviceState.NOT_INUSE for _, _, device in self.dialplan.hints()
             if not device.startswith("PJSIP/")}
