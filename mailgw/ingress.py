@@ -25,7 +25,7 @@ from .media import MediaError, MediaLimits, check_message
 from .request import ExchangeRequest, PartKind, describe, parse_request
 from .inquiry import answer_token, parse_answer
 from .mdn import token_of
-from .relay import Relay, RelayCopy
+from .relay import Relay, RelayBatch, RelayCopy
 from .routing import route_recipient
 from .scenario_library import ScenarioLibrary, scenario_for
 from .spool import Spool, new_id
@@ -127,22 +127,22 @@ class IngressHandler:
         try:
             for command in absence_commands:
                 await self.absence.apply(command)
-            relay_rows = await self.relay.write(raw, relayed, queue_id=queue_id, first=len(requests) + 1,
-                                                count=count, mail_from=mail_from, session=session) \
-                if relayed and self.relay is not None else []
-            # The raw mail goes to the spool inside the store's group commit: fsynced, with its
-            # folder, before the rows that name it are committed; 250 only after both.
+            batch = await self.relay.write(raw, relayed, queue_id=queue_id, first=len(requests) + 1,
+                                           count=count, mail_from=mail_from, session=session) \
+                if relayed and self.relay is not None else RelayBatch()
+            # The raw mail (and each relayed copy) goes to disk inside the store's group commit:
+            # fsynced, with its folder, before the rows that name it are committed; 250 after both.
             spooled = [(self.spool.path_for(queue_id), raw)] if entries else []
-            await self.store.add_messages(entries, relayed=relay_rows, files=spooled)
+            await self.store.add_messages(entries, relayed=batch.rows, files=spooled + batch.files)
         except Exception:  # disk full, database locked, ...: the sender's MTA will try again
             log.exception("could not store message %s", queue_id)
             return ascii_reply(TEMPORARY_FAILURE)
 
         for entry, (_, request) in zip(entries, requests):
             log_received(entry, request)
-        if relay_rows and self.relay is not None:
-            self.relay.queued()
-        for row, domain, _ in relay_rows:
+        if batch.rows and self.relay is not None:
+            self.relay.queued(batch)
+        for row, domain, _ in batch.rows:
             log.info("mail %s from %s for %s (%d bytes): relayed to %s", row.id, mail_from or "<>", row.rcpt_to,
                      len(raw), domain)
         self.on_accepted([e.id for e in entries])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timedelta
 from email.message import Message
 from pathlib import Path
@@ -24,7 +25,7 @@ from . import mailbox
 from .config import Config
 from .destinations import Destination, Destinations, TlsMode
 from .directory import Directory, normalise_address
-from .relay import delivery_status_notification, enhanced_status, tls_context, unverified_context
+from .relay import RelayBatch, delivery_status_notification, enhanced_status, tls_context, unverified_context
 from .routing import NoSuchDomain, mx_destination, resolve_mx
 from .spool import new_id, write_durably
 from .store import OutboxEntry, OutboxRow, Store, utcnow
@@ -33,6 +34,8 @@ log = logging.getLogger("mailgw.outbound")
 
 POLL_INTERVAL = 2.0  # seconds between looks at the table when nothing is due sooner
 PARALLEL = 16        # recipients delivered to at once
+SESSION_IDLE = 2.0   # seconds an unused SMTP session stays open for the next mail (Postfix: 2 s)
+REMEMBER = 120.0     # seconds an attempt's outcome is remembered, to tell stale rows from due ones
 
 
 class PermanentFailure(Exception):
@@ -49,6 +52,13 @@ class Outbox:
         self.root = Path(root)
         self._wake = asyncio.Event()
         self._stopping = False
+        self._sessions = Sessions()
+        self._slots = asyncio.Semaphore(PARALLEL)
+        self._chains: dict[str, list[OutboxRow]] = {}  # recipient -> its mail waiting to be tried, in order
+        self._in_flight: set[str] = set()              # in a chain, not finished
+        self._attempted: dict[str, tuple[int, float]] = {}  # id -> (attempts recorded, when): stale rows
+        self._content: dict[str, bytes] = {}           # relayed copies just stored: sent without a read
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def prepare(self, message: Message, *, rcpt_to: str, request_id: str | None,
                       mail_from: str | None = None) -> OutboxEntry:
@@ -75,51 +85,98 @@ class Outbox:
         self._stopping = True
         self._wake.set()
 
+    def take(self, batch: RelayBatch) -> None:
+        """Relayed copies ingress has just stored: delivered at once, from memory (no look at the
+        table, no read of the files). The table stays the truth for retries and restarts."""
+        now = utcnow()
+        rows = []
+        for (entry, _, deadline), (_, content) in zip(batch.rows, batch.files):
+            rows.append(OutboxRow(entry.id, now, entry.request_id, entry.mail_from, entry.rcpt_to, entry.path,
+                                  "queued", 0, now, None, deadline))
+            self._content[entry.id] = content
+        if self._stopping:  # the next start finds them in the table
+            self._content.clear()
+            return
+        self._dispatch(rows)
+
     async def run(self) -> None:
-        """Deliver due mail until ``stop()``; sleeps until the next retry is due or ``wake()``."""
-        while not self._stopping:
-            self._wake.clear()
-            due, next_try = await self.store.due_outbox(utcnow())
-            if due:
-                await self._attempt_all(due)
-                continue  # attempts may have rescheduled rows; look again before sleeping
-            # Also look again every poll_interval: `mailgw queue retry` changes the table from outside.
-            timeout = POLL_INTERVAL if next_try is None else \
-                min(POLL_INTERVAL, max(0.0, (next_try - utcnow()).total_seconds()))
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-
-    async def _attempt_all(self, rows: list[OutboxRow]) -> None:
-        """Deliver to up to PARALLEL recipients at once (a slow peer does not hold up the rest);
-        one recipient's mail goes in queue order, so their mails arrive in the order they were made."""
-        by_recipient: dict[str, list[OutboxRow]] = {}
-        for row in rows:
-            by_recipient.setdefault(row.rcpt_to, []).append(row)
-        slots = asyncio.Semaphore(PARALLEL)
-        sessions = Sessions()
-
-        async def in_order(mails: list[OutboxRow]) -> None:
-            async with slots:
-                for row in mails:
-                    if self._stopping:
-                        return
-                    await self._attempt(row, sessions)
-
+        """Deliver due mail until ``stop()``; looks at the table when woken, when the next retry is
+        due, and every POLL_INTERVAL (``mailgw queue retry`` changes it from outside). Deliveries run
+        in the background, up to PARALLEL recipients at once, over SMTP sessions kept open while
+        mail keeps coming (SESSION_IDLE)."""
         try:
-            await asyncio.gather(*(in_order(mails) for mails in by_recipient.values()))
+            while not self._stopping:
+                self._wake.clear()
+                due, next_try = await self.store.due_outbox(utcnow())
+                self._dispatch(due)
+                self._sessions.close_idle(SESSION_IDLE)
+                timeout = POLL_INTERVAL if next_try is None else \
+                    min(POLL_INTERVAL, max(0.0, (next_try - utcnow()).total_seconds()))
+                if self._sessions.open and not self._in_flight:
+                    timeout = min(timeout, SESSION_IDLE)  # come back to close them
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
         finally:
-            await sessions.close()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._sessions.close()
 
-    async def _attempt(self, row: OutboxRow, sessions: Sessions) -> None:
+    def _dispatch(self, rows: list[OutboxRow]) -> None:
+        """Start delivering ``rows`` that are not under way already, nor stale copies of a row whose
+        attempt was recorded after the table was read. One recipient's mail goes in queue order, so
+        their mails arrive in the order they were made; a slow peer does not hold up the rest."""
+        horizon = time.monotonic() - REMEMBER
+        for old in [i for i, (_, at) in self._attempted.items() if at < horizon]:
+            del self._attempted[old]
+        for row in rows:
+            if row.id in self._in_flight:
+                continue
+            if row.attempts < self._attempted.get(row.id, (0, 0.0))[0]:
+                self._content.pop(row.id, None)
+                continue
+            self._in_flight.add(row.id)
+            chain = self._chains.get(row.rcpt_to)
+            if chain is not None:
+                chain.append(row)
+                continue
+            self._chains[row.rcpt_to] = [row]
+            task = asyncio.create_task(self._run_chain(row.rcpt_to), name=f"outbox {row.rcpt_to}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_chain(self, rcpt: str) -> None:
+        chain = self._chains[rcpt]
+        try:
+            async with self._slots:
+                while chain and not self._stopping:
+                    row = chain.pop(0)
+                    sent = False
+                    try:
+                        sent = await self._attempt(row, self._sessions)
+                    except Exception:  # the store could not record it: the row is tried again later
+                        log.exception("could not record the attempt of mail %s to %s", row.id, row.rcpt_to)
+                    finally:
+                        self._in_flight.discard(row.id)
+                        self._attempted[row.id] = (row.attempts + 1, time.monotonic())
+                    if not sent:
+                        self._wake.set()  # its retry may be due sooner than the loop thinks
+        finally:
+            del self._chains[rcpt]
+            for row in chain:  # stopping: left in the table for the next start
+                self._in_flight.discard(row.id)
+                self._content.pop(row.id, None)
+
+    async def _attempt(self, row: OutboxRow, sessions: Sessions) -> bool:
+        """One delivery attempt, recorded; True when the mail went."""
         try:
             await self._deliver(row, sessions)
         except PermanentFailure as exc:
             log.error("mail %s to %s failed for good: %s", row.id, row.rcpt_to, exc)
             await self.store.outbox_retry(row, str(exc), None)
             await self._bounce(row, str(exc), enhanced_status(str(exc), "5.0.0"))
+            return False
         except Exception as exc:  # connection refused, 4xx, timeouts: try again later
             next_try = self._next_try(row, utcnow())
             log.warning("mail %s to %s not delivered (%s); %s", row.id, row.rcpt_to, exc,
@@ -127,10 +184,11 @@ class Outbox:
             await self.store.outbox_retry(row, str(exc), next_try)
             if next_try is None:
                 await self._bounce(row, f"{exc} (gave up: the request's time ran out)", "4.4.7")
-        else:
-            log.info("mail %s delivered to %s%s", row.id, row.rcpt_to,
-                     f" (request {row.request_id})" if row.request_id else "")
-            await self.store.outbox_sent(row)
+            return False
+        log.info("mail %s delivered to %s%s", row.id, row.rcpt_to,
+                 f" (request {row.request_id})" if row.request_id else "")
+        await self.store.outbox_sent(row)
+        return True
 
     def _next_try(self, row: OutboxRow, now: datetime) -> datetime | None:
         if row.deadline is not None:  # relayed mail: the request's own monitor time bounds it
@@ -159,6 +217,7 @@ class Outbox:
         mailbox.deliver(self.config.mailbox_root, address, path.read_bytes(), group=self.config.mailbox_group)
 
     async def _deliver(self, row: OutboxRow, sessions: Sessions) -> None:
+        raw = self._content.pop(row.id, None)  # a relayed copy just taken from ingress
         address = normalise_address(row.rcpt_to)
         if address is None:
             raise PermanentFailure(f"not a mail address: {row.rcpt_to!r}")
@@ -168,7 +227,8 @@ class Outbox:
                 raise PermanentFailure(f"no mailbox here for {address}")
             await asyncio.to_thread(self._deliver_locally, row.path, address)  # one thread hop, not two
             return
-        raw = await asyncio.to_thread(row.path.read_bytes)
+        if raw is None:
+            raw = await asyncio.to_thread(row.path.read_bytes)
         destination = await self._destination(domain)
         try:
             await sessions.send(raw, mail_from=row.mail_from, rcpt=address, destination=destination)
@@ -216,26 +276,58 @@ def next_retry(now: datetime, attempts: int, first: float, longest: float, deadl
 
 
 class Sessions:
-    """SMTP sessions kept open through one batch of deliveries, so mail after mail to one
-    destination reuses its connection (and its STARTTLS and AUTH); closed when the batch is done."""
+    """SMTP sessions kept open between deliveries, so mail after mail to one destination reuses its
+    connection (and its STARTTLS and AUTH); one unused for ``close_idle``'s time is closed."""
 
     def __init__(self) -> None:
-        self._idle: dict[Destination, list[aiosmtplib.SMTP]] = {}
+        self._idle: dict[Destination, list[tuple[aiosmtplib.SMTP, float]]] = {}
+
+    @property
+    def open(self) -> bool:
+        return any(self._idle.values())
 
     async def send(self, raw: bytes, *, mail_from: str, rcpt: str, destination: Destination) -> None:
         idle = self._idle.setdefault(destination, [])
-        client = idle.pop() if idle else await open_session(destination)
+        if idle:
+            client = idle.pop()[0]
+            try:
+                await client.sendmail(mail_from, [rcpt], raw)
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                # The peer closed the idle session (its timeout, a restart): once more on a new one.
+                client.close()
+            except BaseException:
+                client.close()
+                raise
+            else:
+                idle.append((client, time.monotonic()))
+                return
+        client = await open_session(destination)
         try:
             await client.sendmail(mail_from, [rcpt], raw)
         except BaseException:  # a refused mail may leave the session in any state: start afresh
             client.close()
             raise
-        idle.append(client)
+        idle.append((client, time.monotonic()))
+
+    def close_idle(self, seconds: float) -> None:
+        """Say QUIT (in the background) on sessions unused for ``seconds``."""
+        horizon = time.monotonic() - seconds
+        for destination, idle in self._idle.items():
+            stale = [c for c, at in idle if at < horizon]
+            if stale:
+                idle[:] = [(c, at) for c, at in idle if at >= horizon]
+                for client in stale:
+                    task = asyncio.create_task(_quit(client), name="smtp quit")
+                    _QUITTING.add(task)
+                    task.add_done_callback(_QUITTING.discard)
 
     async def close(self) -> None:
-        clients = [c for idle in self._idle.values() for c in idle]
+        clients = [c for idle in self._idle.values() for c, _ in idle]
         self._idle.clear()
-        await asyncio.gather(*(_quit(c) for c in clients))
+        await asyncio.gather(*(_quit(c) for c in clients), *list(_QUITTING))
+
+
+_QUITTING: set[asyncio.Task[None]] = set()  # QUITs under way (tasks are kept so they are not collected)
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:
