@@ -49,3 +49,43 @@ async def test_result_mail_waits_for_the_smarthost_and_is_delivered_once(make_co
             sink.close()
     finally:
         await gw.stop()
+
+
+async def test_a_kept_session_the_smarthost_dropped_is_replaced_at_once(make_config) -> None:
+    """The outbox keeps its SMTP session open for the next mail; when the server has closed it in
+    between (its idle timeout, a restart), the next mail goes out on a new session at once instead
+    of waiting for a retry, and arrives once."""
+    received: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    sessions: list[SMTP] = []
+
+    def session() -> SMTP:
+        sessions.append(SMTP(_SinkHandler(received), loop=loop))
+        return sessions[-1]
+
+    sink = await loop.create_server(session, "127.0.0.1", 0)
+    config = make_config()
+    smarthost = HostPort("127.0.0.1", sink.sockets[0].getsockname()[1])
+    config = replace(config, outbound=replace(config.outbound, smarthost=smarthost, retry_interval=30))
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        ids = []
+        for number in ("2001", "2002"):
+            reply = await submit(gw.smtp_port, request_mail("partner@b.example", "cti@a.example",
+                                                            f"to: {number}\nfrom: 03-1234-5678\ndry-run: yes\n"))
+            ids.append(reply.queue_id)
+            await wait_stage(gw.store, reply.queue_id, "notified")
+            _, _, mail = await asyncio.wait_for(received.get(), 5)
+            assert mail["X-CTI-Request"] == reply.queue_id
+            if len(ids) == 1:
+                assert len(sessions) == 1
+                sessions[0].transport.close()  # the server hangs up on the session the outbox kept
+        assert len(sessions) == 2 and received.empty()
+        for request_id in ids:
+            [row] = await gw.store.outbox_for(request_id)
+            assert (row.state, row.attempts) == ("sent", 1)
+            assert "mail-deferred" not in [stage for _, stage, _ in await gw.store.stages(request_id)]
+    finally:
+        await gw.stop()
+        sink.close()
