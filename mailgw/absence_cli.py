@@ -187,12 +187,19 @@ def _list_absent(args: argparse.Namespace) -> int:
 
 
 def _calls(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_with_store(args, lambda store: store.list_incoming(limit=args.limit)))
+    async def work(store: Any) -> tuple[list[Any], dict[str, tuple[datetime, str]]]:
+        rows = await store.list_incoming(limit=args.limit)
+        return rows, await store.callbacks_of([r.id for r in rows])
+
+    rows, callbacks = asyncio.run(_with_store(args, work))
     if not rows:
         print("no incoming calls recorded")
     for r in rows:
         outcome = (f"answered by {r.answered_by}" if r.answered_by else
                    "ringing" if r.ended_at is None else "missed")
+        if r.id in callbacks:  # followed up: the caller was called back
+            at, by = callbacks[r.id]
+            outcome += f", called back {at.astimezone():%H:%M} by {by}"
         length = f"{(r.ended_at - r.started_at).total_seconds():.0f} s" if r.ended_at else "-"
         print(f"{r.started_at.astimezone():%Y-%m-%d %H:%M:%S}  {r.caller or 'withheld':16} "
               f"rang {','.join(r.rung) or '-':12} {outcome:24} {length}" + (f"  {r.id}" if args.ids else ""))

@@ -91,7 +91,8 @@ class AbsenceMailer:
                                                  limit=self.config.absence.history) if call.caller_key else []
         location = await self.store.recording_of(call.id)
         recording = await read_recording(location, self.config) if location else None
-        message = self.compose(notice, call, customer, history, recording)
+        callbacks = await self.store.callbacks_of([h.id for h in history])
+        message = self.compose(notice, call, customer, history, recording, callbacks)
         entry = await self.outbox.prepare(message, rcpt_to=notice.recipient, request_id=None)
         await self.store.notice_queued([notice], entry)
         self.outbox.wake()
@@ -103,6 +104,7 @@ class AbsenceMailer:
         entries = []
         attachments: list[Attachment] = []
         room = self.config.absence.recording_max_bytes  # for all the digest's recordings together
+        callbacks = await self.store.callbacks_of([n.call_id for n in notices])  # followed up meanwhile
         for notice in notices:
             call = await self.store.incoming_call(notice.call_id)
             if call is None:
@@ -110,7 +112,7 @@ class AbsenceMailer:
             customer = await self.store.customer(id=call.customer_id) if call.customer_id else None
             location = await self.store.recording_of(call.id)
             recording = await read_recording(location, self.config, room) if location else None
-            entry = self.context(notice, call, customer, [], notice.language, recording)
+            entry = self.context(notice, call, customer, [], notice.language, recording, callbacks)
             if recording is not None and recording.attached:
                 room -= len(recording.data)
                 attachments.append(Attachment(recording.data, recording.content_type, entry["recording"]["filename"]))
@@ -134,9 +136,10 @@ class AbsenceMailer:
         log.info("digest of %d missed call(s): mail to %s queued", len(entries), first.recipient)
 
     def compose(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
-                history: list[IncomingRow], recording: Recording | None = None) -> Message:
+                history: list[IncomingRow], recording: Recording | None = None,
+                callbacks: dict[str, tuple[datetime, str]] | None = None) -> Message:
         language = notice.language if notice.language in LANGUAGES else "en"
-        context = self.context(notice, call, customer, history, language, recording)
+        context = self.context(notice, call, customer, history, language, recording, callbacks)
         try:
             subject, body = self.notifier.render(f"absence.{language}.txt", context)
         except (TemplateError, OSError, ValueError) as exc:
@@ -152,8 +155,10 @@ class AbsenceMailer:
         return message
 
     def context(self, notice: NoticeRow, call: IncomingRow, customer: dict[str, Any] | None,
-                history: list[IncomingRow], language: str, recording: Recording | None = None) -> dict[str, Any]:
+                history: list[IncomingRow], language: str, recording: Recording | None = None,
+                callbacks: dict[str, tuple[datetime, str]] | None = None) -> dict[str, Any]:
         region = self.config.numbering.region
+        callbacks = callbacks or {}
         customer = customer or {}
         withheld = call.caller is None
         number = display_number(call.caller_key, region) or (call.caller or "")
@@ -177,13 +182,22 @@ class AbsenceMailer:
             "known": bool(customer),
             "rung": [self._person(ext) for ext in call.rung],
             "history": [{"at": _local(h.started_at, "%Y-%m-%d %H:%M"),
-                         "answered_by": self._person(h.answered_by) if h.answered_by else ""} for h in history],
+                         "answered_by": self._person(h.answered_by) if h.answered_by else "",
+                         "called_back": self._called_back(callbacks.get(h.id))} for h in history],
+            "called_back": self._called_back(callbacks.get(call.id)),
             "recipient": notice.recipient,
             "domain": self.config.domains[0],
             "recording": recording.context(self.config.absence.recording_max_bytes,
                                            f"voice-message-{_local(call.started_at, '%Y%m%d-%H%M%S')}{recording.suffix}")
             if recording is not None else None,
         }
+
+    def _called_back(self, callback: tuple[datetime, str] | None) -> dict[str, str] | None:
+        """When and by whom a missed call was followed up (the caller called back), or None."""
+        if callback is None:
+            return None
+        at, extension = callback
+        return {"at": _local(at, "%Y-%m-%d %H:%M"), "time": _local(at, "%H:%M"), "by": self._person(extension)}
 
     def _person(self, extension: str) -> str:
         person = self.directory.by_extension(extension)

@@ -10,6 +10,10 @@ the mailer (``absence_mail.AbsenceMailer``) sends it.
 After a restart (and after every AMI reconnect) the calls recorded as still going are looked up on
 the PBX again: those still up are followed on; those gone ended while the gateway could not see
 them, and are decided on what was recorded (nobody answered unless an answer was seen).
+
+A follow-up: when an extension calls a number from which calls were missed and the far end answers
+(``AmiPbx.watch_outgoing``), those missed calls are marked called back (``callbacks`` table); the
+digest, the next mails' caller history and ``mailgw calls`` say so.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .config import Config
 from .customers import number_key
 from .directory import Directory
 from .pbx.driver import AmiPbx
+from .pbx.outgoing import AnsweredOutgoing
 from .pbx.port import IncomingCall, PbxError
 from .store import IncomingRow, NoticeRow, Store
 
@@ -38,16 +43,19 @@ class CallHistory:
         self.store = store
         self.pbx = pbx
         self.on_notice = on_notice
-        self._queue: asyncio.Queue[IncomingCall] = asyncio.Queue()
+        self._queue: asyncio.Queue[IncomingCall | AnsweredOutgoing] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._removers: list[Callable[[], None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
         # Called on the event loop after calls are durably recorded (tests and benches await ends).
         self.listeners: list[Callable[[list[IncomingRow], list[NoticeRow]], None]] = []
+        # Called after missed calls were marked called back: (their ids, the answered outgoing call).
+        self.callback_listeners: list[Callable[[list[str], AnsweredOutgoing], None]] = []
 
     async def start(self) -> None:
         self._removers = [self.pbx.watch_incoming(self._queue.put_nowait),
+                          self.pbx.watch_outgoing(self._queue.put_nowait),
                           self.pbx.on_resync(lambda: asyncio.get_running_loop().create_task(self.reconcile()))]
         self._task = asyncio.create_task(self._run(), name="call-history")
         await self.reconcile()
@@ -92,7 +100,12 @@ class CallHistory:
                 batch = [first]
                 while not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                await self._record(batch)
+                incoming = [c for c in batch if isinstance(c, IncomingCall)]
+                if incoming:
+                    await self._record(incoming)
+                for answered in batch:
+                    if isinstance(answered, AnsweredOutgoing):
+                        await self._called_back(answered)
             except Exception:  # the store failed: log, keep listening (the restart reconcile catches up)
                 log.exception("recording %d incoming-call event(s) failed", len(batch))
             finally:
@@ -132,6 +145,16 @@ class CallHistory:
             self.on_notice()
         for listener in tuple(self.listeners):
             listener(rows, notices)
+
+    async def _called_back(self, call: AnsweredOutgoing) -> None:
+        """``call.extension`` reached a number: that caller's missed calls are followed up."""
+        region = self.config.numbering.region
+        key = next((k for number in call.numbers if (k := number_key(number, region))), None)
+        marked = await self.store.mark_called_back(key, call.extension, call.answered_at) if key else []
+        if marked:
+            log.info("%s called %s back: %d missed call(s) followed up", call.extension, key, len(marked))
+        for listener in tuple(self.callback_listeners):
+            listener(marked, call)
 
     async def _in_dnd(self, call: IncomingCall) -> frozenset[str]:
         """People whose rung phone is set to do-not-disturb on the PBX: absent too."""

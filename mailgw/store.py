@@ -768,6 +768,27 @@ class Store:
         rows = await self._read(self._query, "SELECT location FROM incoming_recordings WHERE call_id = ?", (call_id,))
         return rows[0][0] if rows else None
 
+    async def mark_called_back(self, caller_key: str, extension: str, at: datetime) -> list[str]:
+        """The missed calls from ``caller_key`` (nobody answered, ended before ``at``, not yet
+        followed up) are marked called back by ``extension``; their ids."""
+        rows = await self._read(self._query, "SELECT id FROM incoming_calls i WHERE caller_key = ? AND answered_by IS NULL"
+                               " AND ended_at IS NOT NULL AND ended_at <= ?"
+                               " AND NOT EXISTS (SELECT 1 FROM callbacks c WHERE c.call_id = i.id)",
+                               (caller_key, _ts(at)))
+        ids = [r[0] for r in rows]
+        if ids:
+            await self._commit([("INSERT OR IGNORE INTO callbacks VALUES (?, ?, ?)", (i, _ts(at), extension))
+                                for i in ids])
+        return ids
+
+    async def callbacks_of(self, call_ids: list[str]) -> dict[str, tuple[datetime, str]]:
+        """call id -> (when, by which extension) it was called back, for those of ``call_ids`` that were."""
+        if not call_ids:
+            return {}
+        rows = await self._read(self._query, f"SELECT * FROM callbacks WHERE call_id IN ({','.join('?' * len(call_ids))})",
+                               tuple(call_ids))
+        return {r["call_id"]: (_dt(r["at"]), r["by_extension"]) for r in rows}  # type: ignore[misc]
+
     async def open_incoming(self) -> list["IncomingRow"]:
         """Incoming calls recorded as not yet ended (the gateway lost sight of them)."""
         rows = await self._read(self._query, "SELECT * FROM incoming_calls WHERE ended_at IS NULL ORDER BY started_at")
@@ -1094,6 +1115,12 @@ CREATE TABLE IF NOT EXISTS absence_notices (
     PRIMARY KEY (call_id, kind)
 );
 CREATE INDEX IF NOT EXISTS absence_notices_pending ON absence_notices(state) WHERE state = 'pending';
+
+CREATE TABLE IF NOT EXISTS callbacks (  -- a missed call followed up: its caller was called back
+    call_id      TEXT PRIMARY KEY REFERENCES incoming_calls(id),
+    at           TEXT NOT NULL,      -- when the outgoing call was answered
+    by_extension TEXT NOT NULL       -- the extension that called
+);
 
 CREATE TABLE IF NOT EXISTS incoming_recordings (
     call_id  TEXT PRIMARY KEY REFERENCES incoming_calls(id),

@@ -80,6 +80,7 @@ from .port import AskResult, CallOutcome, ConnectResult, DeliveryResult, Party, 
 from .port import LineCallback, LineState, line_state_of_device, line_state_of_status
 from .port import IncomingCall, IncomingCallback
 from .incoming import INCOMING_EVENTS, ended_unseen, track
+from .outgoing import OUTGOING_EVENTS, AnsweredOutgoing, track as track_outgoing
 
 if TYPE_CHECKING:
     from mailgw.config import PbxConfig
@@ -1252,6 +1253,18 @@ class AmiPbx:
                 callback(snapshot)
             except Exception:  # one faulty listener must not break the others
                 log.exception("incoming-call listener %r failed on %s", callback, snapshot.call_id)
+
+    def watch_outgoing(self, callback: Callable[[AnsweredOutgoing], None]) -> Callable[[], None]:
+        """``callback(call)`` for every outgoing call from an extension that was answered
+        (``pbx/outgoing.py``: a missed call followed up). Returns the remover."""
+        dials: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+        def feed(msg: Message) -> None:
+            answered = track_outgoing(dials, msg, self.config.incoming_context, datetime.now(timezone.utc))
+            if answered is not None:
+                callback(answered)
+
+        return self.client.add_listener(feed, *OUTGOING_EVENTS)
 
     async def reconcile_incoming(self, known: Iterable[IncomingCall]) -> list[IncomingCall]:
         """Follow ``known`` calls (recorded before a restart or an AMI reconnect) again; those the

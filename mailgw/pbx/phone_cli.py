@@ -8,6 +8,9 @@
                       [--leaves-message FILE]           an incoming call from outside (SimIncoming); with
                                                         --leaves-message the caller records FILE (audio)
                                                         as a voice message when nobody answers
+    mailgw phone dial 2000 0312345678 [--nobody-answers] [--talk-time S]
+                                                        phone 2000 calls outside (SimOutgoing), e.g. the
+                                                        person calling a customer back
     mailgw phone forward 2000 0312345678                call forward in AstDB CF/2000 (DBPut)
     mailgw phone unforward 2000                         remove it (DBDel)
     mailgw phone calls                                  the simulator's call log (SimCalls)
@@ -42,7 +45,8 @@ def register(subparsers: Any) -> None:
     phone.add_argument("--username", help="AMI user (default: from the configuration)")
     phone.add_argument("--secret", help="AMI secret (default: from the configuration)")
     phone.add_argument("words", nargs="+", metavar="COMMAND",
-                       help="list | calls | <ext> <behaviour> | call | forward <ext> <number> | unforward <ext>")
+                       help="list | calls | <ext> <behaviour> | call | dial <ext> <number> | forward <ext> <number>"
+                            " | unforward <ext>")
     phone.add_argument("--answer-after", type=float, metavar="S")
     phone.add_argument("--talk-time", type=float, metavar="S")
     phone.add_argument("--digit", metavar="KEY", help="the DTMF key the phone presses when asked (none: no key)")
@@ -79,6 +83,13 @@ def build_action(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
         if args.leaves_message:
             fields["Message"] = str(Path(args.leaves_message).resolve())  # the simulator reads it
         return "SimIncoming", fields
+    if words[0] == "dial" and len(words) == 3:
+        fields = {"Phone": words[1], "To": words[2], "Answer": "nobody" if args.nobody_answers else "yes"}
+        if args.ring_time is not None:
+            fields["RingTime"] = f"{args.ring_time:g}"
+        if args.talk_time is not None:
+            fields["TalkTime"] = f"{args.talk_time:g}"
+        return "SimOutgoing", fields
     if words[0] == "forward" and len(words) == 3:
         return "DBPut", {"Family": "CF", "Key": words[1], "Val": words[2]}
     if words[0] == "unforward" and len(words) == 2:

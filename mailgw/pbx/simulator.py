@@ -78,6 +78,8 @@ Simulator-only actions (not in Asterisk; the ``Sim`` prefix cannot collide with 
   FromAnsweredAt, ToAnsweredAt, EndedAt; times are epoch seconds, empty when not reached), then
   ``SimCallsComplete``. The same log is
   ``AmiSimulator.calls`` (a list of ``CallRecord``) in-process.
+* ``SimIncoming`` — a call from outside (``sim_incoming``); ``SimOutgoing`` — a phone dials outside
+  by itself (``sim_outgoing``).
 
 Events emitted: Newchannel, Newstate, LocalBridge, DialBegin, DialState, DialEnd,
 OriginateResponse, HangupRequest, SoftHangupRequest, Hangup (Cause + Cause-txt), BridgeCreate,
@@ -120,6 +122,7 @@ from typing import TYPE_CHECKING, Any
 from .ami import Field, Message, Parser
 from .dialplan import Extension, Step, load_dialplans, product_dialplan
 from .sim_incoming import IncomingCalls
+from .sim_outgoing import OutgoingCalls
 from .sim_manager import MANAGER_ACTIONS, ManagerActions
 from .media import DEFAULT_PLAY_SECONDS, MediaRecord, describe_media, play_seconds
 from .phones import (
@@ -588,7 +591,7 @@ def response(request: Message, status: str, *fields: Field) -> Message:
 ActionHandler = Callable[["_Session", Message], Any]
 
 
-class AmiSimulator(ManagerActions, IncomingCalls):
+class AmiSimulator(ManagerActions, IncomingCalls, OutgoingCalls):
     """An Asterisk-like AMI server with simulated phones. See the module docstring."""
 
     def __init__(
@@ -663,6 +666,7 @@ class AmiSimulator(ManagerActions, IncomingCalls):
             "simphone": self._action_sim_phone,
             "simcalls": self._action_sim_calls,
             "simincoming": self._action_sim_incoming,
+            "simoutgoing": self._action_sim_outgoing,
             **{name: getattr(self, method) for name, method in MANAGER_ACTIONS.items()},
         }
 
