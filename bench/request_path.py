@@ -450,6 +450,8 @@ async def main() -> int:
     parser.add_argument("--pbx", choices=["embedded", "process"], default="embedded",
                         help="the simulator inside mailgw (its embedded default) or in its own process, "
                              "as a real Asterisk would be")
+    parser.add_argument("--rates", type=float, nargs="*", default=[], metavar="MAILS_PER_S",
+                        help="also send 4 KB mails at these fixed rates (latency at a known load)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     big_n = args.n // 10 if args.big_n is None else args.big_n
@@ -491,6 +493,9 @@ async def main() -> int:
         best = max(r.mailgw.rate for r in rows if r.label.startswith("4 KB"))
         label = f"4 KB at {best / 2:.0f}/s (half max)"
         rows.append(Row(label, None, await measured(open_loop(label, gw_port, small, best / 2, 64), gateway_pids)))
+        for rate in args.rates:
+            label = f"4 KB at {rate:.0f}/s"
+            rows.append(Row(label, None, await measured(open_loop(label, gw_port, small, rate, 64), gateway_pids)))
         started = await originate_times(ami_port)
     finally:
         await stop_process(gateway, under_profiler=bool(args.profile))

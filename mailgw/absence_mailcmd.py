@@ -16,12 +16,11 @@ confirmation mail to the person (``templates/absence_mode.<language>.txt``).
 
 from __future__ import annotations
 
-import email
-import email.policy
 import logging
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 from email.utils import parseaddr
 from typing import Any
 
@@ -32,6 +31,7 @@ from .absence_mail import notice_mail
 from .absence_reply import parse_call_reply
 from .auth import Sender, Trust
 from .directory import Directory, Person, normalise_address
+from .request import ReceivedMail, text_body
 from .status import Refused
 
 ABSENT_WORDS = frozenset({"absent", "away", "不在"})
@@ -47,18 +47,13 @@ class AbsenceCommand:
     until: datetime | None = None
 
 
-def command_words(raw: bytes) -> list[str] | None:
+def command_words(message: Message) -> list[str] | None:
     """The words of the first non-empty text line, NFKC- and case-folded; None when the mail is
     automatic or has no text."""
-    message = email.message_from_bytes(raw, policy=email.policy.default)
     if (message.get("Auto-Submitted") or "no").strip().lower() != "no":
         return None
-    body = message.get_body(preferencelist=("plain",))
-    if body is None:
-        return None
-    try:
-        text = body.get_content()
-    except (LookupError, ValueError):
+    text = text_body(message)
+    if text is None:
         return None
     for line in text.splitlines()[:MAX_LINES]:
         words = unicodedata.normalize("NFKC", line).strip().lower().split()
@@ -92,13 +87,12 @@ def parse_until(words: list[str], now: datetime) -> datetime | None:
     return moment if moment > local else moment + timedelta(days=1)
 
 
-def parse_absence_command(raw: bytes, directory: Directory, now: datetime) -> AbsenceCommand | None:
-    """The command in ``raw``, None when it is no absence command; Refused when it is one that
-    cannot be used (sender not in the directory, unreadable time)."""
-    words = command_words(raw)
+def parse_absence_command(message: Message, directory: Directory, now: datetime) -> AbsenceCommand | None:
+    """The command in the mail (``request.read_mime``), None when it is no absence command;
+    Refused when it is one that cannot be used (sender not in the directory, unreadable time)."""
+    words = command_words(message)
     if not words or (words[0] not in ABSENT_WORDS and words[0] not in BACK_WORDS):
         return None
-    message = email.message_from_bytes(raw, policy=email.policy.default)
     address = normalise_address(parseaddr(str(message.get("From") or ""))[1] or "")
     person = directory.by_address(address) if address else None
     if person is None:
@@ -140,11 +134,11 @@ class AbsenceByMail:
             return None
         return parse_call_reply(raw, mail_from=mail_from, rcpt_to=rcpt, config=self.config, directory=self.directory)
 
-    def parse(self, raw: bytes, rcpt: str, sender: Sender) -> AbsenceCommand | None:
+    def parse(self, mail: ReceivedMail, rcpt: str, sender: Sender) -> AbsenceCommand | None:
         local, _, domain = rcpt.lower().rpartition("@")
         if local not in self.config.requests.service_mailboxes or not self.config.is_local_domain(domain):
             return None
-        command = parse_absence_command(raw, self.directory, datetime.now(UTC))
+        command = parse_absence_command(mail.message, self.directory, datetime.now(UTC))
         if command is not None:
             check_sender(command, sender)
         return command

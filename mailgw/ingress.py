@@ -22,7 +22,7 @@ from .destinations import Destinations, localise
 from .policy import Verdict, authorise, check_number_rate, check_rate, sender_limit
 from .dispatch import check_supported
 from .media import MediaError, MediaLimits, check_message
-from .request import ExchangeRequest, PartKind, describe, parse_request
+from .request import ExchangeRequest, PartKind, ReceivedMail, describe, parse_request
 from .inquiry import answer_token, parse_answer
 from .mdn import token_of
 from .relay import Relay, RelayBatch, RelayCopy
@@ -86,19 +86,20 @@ class IngressHandler:
         sender = session_sender(session, self.config.security.trusted_networks)
         relayed: list[RelayCopy] = []
         absence_commands = []
+        mail = ReceivedMail(raw)
         try:
             if self.relay is not None:
                 self.relay.check_hops(raw)
             requests = []
             for rcpt in envelope.rcpt_tos:
-                if self.absence is not None and (command := self.absence.parse(raw, rcpt, sender)) is not None:
+                if self.absence is not None and (command := self.absence.parse(mail, rcpt, sender)) is not None:
                     absence_commands.append(command)  # done (durably) below, before 250
                     continue
                 if self.relay is not None and self.relay.is_relayed(rcpt):
                     relayed.append(self.relay.for_recipient(raw, mail_from=mail_from, rcpt=rcpt, sender=sender,
                                                             now=utcnow()))
                     continue
-                request = self._parse(raw, mail_from, rcpt, sender)
+                request = self._parse(mail, mail_from, rcpt, sender)
                 copy = self._by_number(raw, request, rcpt, sender)
                 if copy is not None:
                     await self._authorise(request, sender, rcpt, raw)  # may this sender ask at all?
@@ -164,7 +165,8 @@ class IngressHandler:
             return None
         return self.relay.for_number(raw, request, rcpt=rcpt, sender=sender, now=utcnow())
 
-    def _parse(self, raw: bytes, mail_from: str, rcpt: str, sender: Sender) -> ExchangeRequest | None:
+    def _parse(self, mail: ReceivedMail, mail_from: str, rcpt: str, sender: Sender) -> ExchangeRequest | None:
+        raw = mail.raw
         if token_of(rcpt, self.config.sender_address) is not None:
             return None  # a read receipt: stored as it is, the dispatcher reads it (mailgw/mdn.py)
         if answer_token(rcpt, self.config.sender_address) is not None:
@@ -176,7 +178,8 @@ class IngressHandler:
             return self.campons.parse_reply(raw, mail_from, rcpt)
         relay = self.relay
         request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory, config=self.config,
-                                caller_number=relay.vouched_caller(raw, sender) if relay is not None else None)
+                                caller_number=relay.vouched_caller(raw, sender) if relay is not None else None,
+                                message=mail.message)
         if request is not None and relay is not None:
             request = localise(request, relay.destinations.own_numbers, self.config.policy)
             if relay.for_number(raw, request, rcpt=rcpt, sender=sender, now=utcnow()) is not None:

@@ -482,7 +482,8 @@ _BASE64_DEFECTS = (email.errors.InvalidBase64PaddingDefect, email.errors.Invalid
                    email.errors.InvalidBase64LengthDefect)
 
 
-def _read_mime(raw: bytes) -> Message:
+def read_mime(raw: bytes) -> Message:
+    """The mail's MIME structure (compat32), or Refused naming why it cannot be read."""
     try:
         # compat32 structure: get_content_type()/get_param() are string operations there, while
         # the modern policy re-parses Content-Type on every call (~10 a mail). Headers shown to
@@ -589,6 +590,39 @@ def _walk(message: Message) -> _Structure:
 def walk_leaves(message: Message) -> list[tuple[int, Message]]:
     """The leaf parts with the 1-based index ``Part.index`` gives them (for ``media.part_bytes``)."""
     return _walk(message).leaves
+
+
+def text_body(message: Message) -> str | None:
+    """The mail's text (its first text/plain part that is no attachment), decoded leniently:
+    for mail commands (``absent``, ``call``) that only look at its first words."""
+    body = _walk(message).body
+    if body is None:
+        return None
+    data = body[1].get_payload(decode=True)
+    if not isinstance(data, bytes):
+        return None
+    try:
+        return data.decode(_CODECS.get(charset := _charset_param(body[1]) or "utf-8", charset), errors="replace")
+    except LookupError:
+        return data.decode("utf-8", errors="replace")
+
+
+class ReceivedMail:
+    """One mail as DATA received it. Its MIME structure is read once, when first needed: the
+    mail-command hooks and the request parser look at it for every recipient."""
+
+    __slots__ = ("raw", "_message")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._message: Message | None = None
+
+    @property
+    def message(self) -> Message:
+        """``read_mime(raw)``: Refused when the structure cannot be read."""
+        if self._message is None:
+            self._message = read_mime(self.raw)
+        return self._message
 
 
 def _is_attachment(entity: Message) -> bool:
@@ -872,18 +906,20 @@ def _with_directory(merged: dict[str, _Given], envelope: _Envelope) -> dict[str,
 # --- the whole request ---------------------------------------------------------------------------
 
 def parse_request(raw: bytes, *, mail_from: str, rcpt_to: str, directory: Directory, config: Config,
-                  now: datetime | None = None, caller_number: str | None = None) -> ExchangeRequest | None:
+                  now: datetime | None = None, caller_number: str | None = None,
+                  message: Message | None = None) -> ExchangeRequest | None:
     """The exchange request a mail makes of the gateway for one local recipient.
 
     ``rcpt_to`` is the one local recipient this request is for (the gateway calls this once per
     recipient); ``now`` is for tests (default: the current time); ``caller_number`` is the sender's
     number as a peer gateway vouches for it (the default ``from`` of a relayed request, like the
-    directory's extension for a local sender). Returns None for ordinary mail;
+    directory's extension for a local sender); ``message`` is ``raw`` already read by
+    ``read_mime`` (``ReceivedMail``: one parse per DATA, however many recipients). Returns None for ordinary mail;
     raises ``Refused`` — and only ``Refused`` — for anything that cannot be understood or allowed.
     """
     ctx = _Context(config, directory, now or datetime.now(timezone.utc), caller_number)
     try:
-        return _parse(bytes(raw), mail_from or "", rcpt_to or "", ctx)
+        return _parse(bytes(raw), mail_from or "", rcpt_to or "", ctx, message)
     except Refused:
         raise
     except RecursionError:
@@ -895,11 +931,11 @@ def parse_request(raw: bytes, *, mail_from: str, rcpt_to: str, directory: Direct
         raise Refused(550, "5.6.0", "malformed MIME: the message structure cannot be read") from None
 
 
-def _parse(raw: bytes, mail_from: str, rcpt_to: str, ctx: _Context) -> ExchangeRequest | None:
+def _parse(raw: bytes, mail_from: str, rcpt_to: str, ctx: _Context, message: Message | None) -> ExchangeRequest | None:
     limit = ctx.config.smtp.max_message_size
     if len(raw) > limit:
         raise Refused(552, "5.3.4", f"message too big: the limit is {limit} bytes")
-    message = _read_mime(raw)
+    message = read_mime(raw) if message is None else message
     if _is_automatic_response(message):
         return None
     envelope = _envelope(message, mail_from, rcpt_to, ctx.directory, ctx.config)

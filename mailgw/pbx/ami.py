@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterable, Iterator, Mapping
-from typing import overload
+from typing import Callable, overload
 
 BANNER_PREFIX = "Asterisk Call Manager/"
 EOL = "\r\n"
@@ -257,6 +257,9 @@ def parse_block(block: str) -> Message:
     return Message._trusted(fields)
 
 
+_ACTION_ID_LINE = EOL + "ActionID: "
+
+
 class Parser:
     """Turns a byte stream into Messages. Feed it every chunk ``recv()`` returns.
 
@@ -274,7 +277,12 @@ class Parser:
         self._want_banner = expect_banner
         self.banner: str | None = None
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes, wanted: Callable[[str], bool] | None = None) -> list[Message]:
+        """The whole messages completed by ``data``. With ``wanted``, an event whose name (its
+        first line, as Asterisk writes it) it rejects is dropped unparsed: a PBX sends many events
+        per call (Newexten, DeviceStateChange, ...) that no listener reads. Events that carry an
+        ActionID are always kept: they may be the items of a list reply whose start is in this
+        same chunk, not dispatched yet."""
         text = self._decoder.decode(data)
         if self._buffer:
             text = self._buffer + text
@@ -291,6 +299,10 @@ class Parser:
         messages = []
         for block in blocks:
             if block:
+                if wanted is not None and block.startswith("Event: ") and _ACTION_ID_LINE not in block:
+                    end = block.find(EOL)
+                    if not wanted(block[7:end] if end >= 0 else block[7:]):
+                        continue
                 msg = parse_block(block)
                 if msg._fields:  # stray blank lines between messages carry nothing
                     messages.append(msg)

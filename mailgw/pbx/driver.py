@@ -509,13 +509,13 @@ class AmiClient:
             raise AmiLoginError(f"AMI login refused: {reply.response.message}")
 
     async def _read(self, reader: asyncio.StreamReader, parser: Parser) -> None:
-        dispatch = self._dispatch
+        dispatch, wanted = self._dispatch, self._wanted
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     return
-                for msg in parser.feed(data):
+                for msg in parser.feed(data, wanted):
                     dispatch(msg)
         except (ConnectionError, OSError) as exc:
             log.warning("AMI read from %s:%s failed: %s", self.host, self.port, exc)
@@ -548,6 +548,12 @@ class AmiClient:
                 item.future.exception()  # mark retrieved: the waiter may have timed out already
 
     # --- dispatch (hot path) -----------------------------------------------------------------------------
+
+    def _wanted(self, event: str) -> bool:
+        """Whether a listener reads this event (or every event); the rest is dropped unparsed.
+        List-reply items carry an ActionID and are never dropped (``Parser.feed``)."""
+        listeners = self._listeners
+        return None in listeners or event.lower() in listeners
 
     def _dispatch(self, msg: Message) -> None:
         event = msg.event

@@ -143,6 +143,18 @@ def test_utf8_split_across_chunks_and_several_messages_per_chunk() -> None:
     assert rest[0]["CallerIDName"] == "山田"
 
 
+def test_unwanted_events_are_dropped_but_responses_and_list_items_kept() -> None:
+    data = (b"Event: Newexten\r\nChannel: Local/2001@x-0001;1\r\n\r\n"
+            b"Response: Success\r\nActionID: 7\r\nEventList: start\r\n\r\n"
+            b"Event: ExtensionStatus\r\nActionID: 7\r\nExten: 2001\r\n\r\n"  # a list item: kept
+            b"Event: DeviceStateChange\r\nDevice: PJSIP/2001\r\n\r\n"
+            b"Event: Hangup\r\nUniqueid: 1.1\r\n\r\n")
+    kept = Parser().feed(data, wanted=lambda name: name == "Hangup")
+    assert [(m.event, m.get("ActionID")) for m in kept] == [(None, "7"), ("ExtensionStatus", "7"), ("Hangup", None)]
+    assert [m.event for m in Parser().feed(data)] == [
+        "Newexten", None, "ExtensionStatus", "DeviceStateChange", "Hangup"]
+
+
 def test_banner_split_and_banner_sharing_a_chunk() -> None:
     parser = Parser(expect_banner=True)
     assert parser.feed(b"Asterisk Call Man") == []
