@@ -65,10 +65,11 @@ class Dispatcher:
         self._read_fired: set[str] = set()  # two paths (receipt and flag, read twice) run it once
         self.scenarios = ScenarioRunner(config, store, pbx, notifier, outbox, self._calls)
 
-    def submit(self, message_ids: list[str]) -> None:
-        """Called by ingress after the 250: start working on the new entries."""
-        for message_id in message_ids:
-            self._start(message_id)
+    def submit(self, rows: list[MessageRow]) -> None:
+        """Called by ingress after the 250 with the rows it stored: start working on them (without
+        reading back what ingress has just written; a fresh entry has no calls yet either)."""
+        for row in rows:
+            self._start(row.id, fresh=row)
 
     async def resume(self) -> None:
         """Pick up everything a previous run left unfinished."""
@@ -84,10 +85,10 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _start(self, message_id: str, delay: float = 0.0) -> None:
+    def _start(self, message_id: str, delay: float = 0.0, fresh: MessageRow | None = None) -> None:
         if message_id in self._running:
             return
-        task = asyncio.create_task(self._work(message_id, delay), name=f"dispatch-{message_id}")
+        task = asyncio.create_task(self._work(message_id, delay, fresh), name=f"dispatch-{message_id}")
         self._running[message_id] = task
         task.add_done_callback(lambda done: self._forget(message_id, done))
 
@@ -96,17 +97,17 @@ class Dispatcher:
         if self._running.get(message_id) is task:
             del self._running[message_id]
 
-    async def _work(self, message_id: str, delay: float) -> None:
+    async def _work(self, message_id: str, delay: float, fresh: MessageRow | None) -> None:
         if delay:
             await asyncio.sleep(delay)
         try:
-            row = await self.store.get_message(message_id)
+            row = fresh or await self.store.get_message(message_id)
             if row is None or row.state in (MessageState.DONE, MessageState.FAILED):
                 return
             if row.kind == "mail":
                 await self._deliver_mail(row)
             else:
-                await self._run_request(row)
+                await self._run_request(row, fresh=fresh is not None)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -158,7 +159,7 @@ class Dispatcher:
         if answer is not None:
             self.scenarios.answered(token, answer.answer)
 
-    async def _run_request(self, row: MessageRow) -> None:
+    async def _run_request(self, row: MessageRow, *, fresh: bool = False) -> None:
         assert row.request is not None
         request = ExchangeRequest.from_json(row.request)
         if self.campons is not None:
@@ -182,7 +183,7 @@ class Dispatcher:
             await self._run_scenario(row, request)
             return
 
-        calls = await self.store.calls_for(row.id)
+        calls = [] if fresh else await self.store.calls_for(row.id)
         interrupted = next((c for c in calls if c.outcome is None), None)
         if interrupted is not None:
             still_up = await self._still_up(interrupted.id)

@@ -30,7 +30,7 @@ from .routing import route_recipient
 from .scenario_library import ScenarioLibrary, scenario_for
 from .spool import Spool, new_id
 from .status import Refused, Reply
-from .store import NewMessage, Store, utcnow
+from .store import MessageRow, NewMessage, Store, utcnow
 from .tls import server_context
 
 log = logging.getLogger("mailgw.ingress")
@@ -60,7 +60,7 @@ class IngressHandler:
     relay: Relay | None = None  # relaying to other offices (mailgw.relay), set by the gateway
 
     def __init__(self, config: Config, directory: Directory, store: Store, spool: Spool,
-                 on_accepted: Callable[[list[str]], None]) -> None:
+                 on_accepted: Callable[[list[MessageRow]], None]) -> None:
         self.config = config
         self.directory = directory
         self.store = store
@@ -134,7 +134,7 @@ class IngressHandler:
             # The raw mail (and each relayed copy) goes to disk inside the store's group commit:
             # fsynced, with its folder, before the rows that name it are committed; 250 after both.
             spooled = [(self.spool.path_for(queue_id), raw)] if entries else []
-            await self.store.add_messages(entries, relayed=batch.rows, files=spooled + batch.files)
+            stored = await self.store.add_messages(entries, relayed=batch.rows, files=spooled + batch.files)
         except Exception:  # disk full, database locked, ...: the sender's MTA will try again
             log.exception("could not store message %s", queue_id)
             return ascii_reply(TEMPORARY_FAILURE)
@@ -146,7 +146,7 @@ class IngressHandler:
         for row, domain, _ in batch.rows:
             log.info("mail %s from %s for %s (%d bytes): relayed to %s", row.id, mail_from or "<>", row.rcpt_to,
                      len(raw), domain)
-        self.on_accepted([e.id for e in entries])
+        self.on_accepted(stored)
         return f"250 2.0.0 queued as {queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:

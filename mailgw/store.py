@@ -353,10 +353,12 @@ class Store:
     # --- messages -------------------------------------------------------------------------------
 
     async def add_messages(self, messages: list[NewMessage],
-                           relayed: Iterable[tuple[OutboxEntry, str, datetime]] = (), files: Files = ()) -> None:
+                           relayed: Iterable[tuple[OutboxEntry, str, datetime]] = (),
+                           files: Files = ()) -> list[MessageRow]:
         """Record accepted messages durably (with their 'received' stage), and the copies relayed
         to other offices (outbox entry, peer domain, deadline), all or nothing. ``files`` (the
-        raw mail in the spool) are fsynced first, in the same group commit and thread hop."""
+        raw mail in the spool) are fsynced first, in the same group commit and thread hop.
+        Returns the rows as ``get_message`` would read them back."""
         now = _ts(utcnow())
         statements: list[tuple[str, tuple[Any, ...]]] = _relay_inserts(relayed)
         for m in messages:
@@ -369,6 +371,11 @@ class Store:
             statements.append(("INSERT INTO stages VALUES (?,?,?,?)", (m.id, now, "received", "")))
             statements += [("INSERT INTO rings VALUES (?,?,?)", (number, now, m.id)) for number in m.rings]
         await self._commit(statements, files)
+        received_at = _dt(now)
+        return [MessageRow(id=m.id, received_at=received_at, mail_from=m.mail_from, rcpt_to=m.rcpt_to,  # type: ignore[arg-type]
+                           spool_path=Path(str(m.spool_path)), size=m.size, kind=m.kind, state=MessageState.QUEUED,
+                           sender=m.sender, request=m.request, outcome=None, status=None, detail=None,
+                           not_before=None) for m in messages]
 
     async def get_message(self, message_id: str) -> MessageRow | None:
         rows = await self._read(self._query, "SELECT * FROM messages WHERE id = ?", (message_id,))

@@ -16,8 +16,9 @@ async def test_messages_calls_and_notifications_survive_reopening(tmp_path: Path
     path = spool.store("q1", b"Subject: hi\r\n\r\nbody\r\n")
     store = Store(tmp_path / "db.sqlite3")
     await store.open()
-    await store.add_messages([NewMessage("q1", "a@x.example", "b@a.example", path, 22, "request",
-                                         "a@x.example", {"action": "connect"})])
+    [stored] = await store.add_messages([NewMessage("q1", "a@x.example", "b@a.example", path, 22, "request",
+                                                    "a@x.example", {"action": "connect"})])
+    assert stored == await store.get_message("q1")  # what ingress hands the dispatcher is what is stored
     await store.add_call("q1-1", "q1", "2000", "2001")
     await store.close()
 
@@ -81,7 +82,8 @@ async def test_spooled_files_share_the_group_commit_and_fail_alone(tmp_path: Pat
             *(store.add_messages([message(i, path)], files=[(path, data)]) for i, (path, data) in enumerate(good)),
             store.add_messages([message(9, bad)], files=[(bad, b"raw 9")]),
             return_exceptions=True)
-        assert results[:3] == [None, None, None] and isinstance(results[3], OSError)
+        assert [[row.id for row in rows] for rows in results[:3]] == [["q0"], ["q1"], ["q2"]]
+        assert isinstance(results[3], OSError)
         rows = {row.id: row for row in await store.unfinished_messages()}
         assert sorted(rows) == ["q0", "q1", "q2"]
         assert [rows[f"q{i}"].spool_path.read_bytes() for i in range(3)] == [b"raw 0", b"raw 1", b"raw 2"]
