@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/relay_bench.py                  # 600 mails at C=10
     .venv/bin/python bench/relay_bench.py --n 2000 -c 20
-    .venv/bin/python bench/relay_bench.py --json out.json  # figures for scripts (tests/test_bench.py)
+    .venv/bin/python bench/relay_bench.py --json out.json  # figures for scripts (tests/test_relay_bench.py)
+    .venv/bin/python bench/relay_bench.py --profile var/relay-profile   # mailgw under py-spy (.[bench])
 
 It starts, each in its own process:
 
@@ -15,6 +16,8 @@ This process is the load generator (C clients, one SMTP connection each, plain ~
 alice@a.example to someone@sink.example) and the sink (aiosmtpd, counts what arrives). Throughput
 is N divided by the time from the first MAIL to the N-th mail arriving at the sink. The target:
 mailgw relays at least 70 % of the baseline's rate. Then it checks that every mail arrived once.
+CPU per mail is the server process's (all its threads) and this process's (load and sink) over
+the same interval, from /proc.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import yaml
 from aiosmtpd.smtp import SMTP
 
 import machine  # bench/machine.py: run as `python bench/<name>.py`
-from request_path import free_port, start_process, stop_process, wait_for_port
+from request_path import (cpu_seconds, free_port, gateway_pid, profile_summary, start_process, stop_process,
+                          wait_for_port)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.70
@@ -131,6 +135,7 @@ async def main() -> int:
     parser.add_argument("-c", "--concurrency", type=int, default=10)
     parser.add_argument("--warm-up", type=int, default=50)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="run mailgw under py-spy, write its profile here")
     args = parser.parse_args()
 
     loop = asyncio.get_running_loop()
@@ -141,33 +146,48 @@ async def main() -> int:
     base_port, gw_port = free_port(), free_port()
     baseline = await start_process(sys.executable, __file__, "--serve-baseline", str(base_port), str(sink_port),
                                    ready="ready")
-    gateway = await start_process(sys.executable, "-m", "mailgw.cli", "serve", "--log-level", "WARNING",
-                                  "--config", str(mailgw_config(folder, gw_port, sink_port)), ready=None)
+    gateway_cmd = [sys.executable, "-m", "mailgw.cli", "serve", "--log-level", "WARNING",
+                   "--config", str(mailgw_config(folder, gw_port, sink_port))]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        gateway_cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "200", "--nonblocking",
+                       "--gil", "--format", "raw", "--output", str(args.profile / "mailgw.folded"), "--", *gateway_cmd]
+    gateway = await start_process(*gateway_cmd, ready=None)
     runs = []
     try:
         await wait_for_port(gw_port)
         for name, port in (("baseline", base_port), ("mailgw", gw_port)):
             await load(port, sink, f"warm-{name}", args.warm_up, args.concurrency)
+            server_pid = baseline.pid if name == "baseline" else gateway_pid(gateway, under_profiler=bool(args.profile))
+            cpu_server, cpu_here = cpu_seconds([server_pid]), time.process_time()
             seconds, accepting, accepted = await load(port, sink, name, args.n, args.concurrency)
+            cpu_server, cpu_here = cpu_seconds([server_pid]) - cpu_server, time.process_time() - cpu_here
             runs.append({"server": name, "sent": args.n, "accepted": accepted, "arrived": len(sink.seen),
                          "accepted_per_s": round(args.n / accepting, 1),
                          "duplicates": sum(c - 1 for c in sink.seen.values()), "seconds": round(seconds, 3),
-                         "mails_per_s": round(args.n / seconds, 1)})
+                         "mails_per_s": round(args.n / seconds, 1),
+                         "server_cpu_ms_per_mail": round(1000 * cpu_server / args.n, 2),
+                         "load_cpu_ms_per_mail": round(1000 * cpu_here / args.n, 2)})
     finally:
-        await stop_process(gateway)
+        await stop_process(gateway, under_profiler=bool(args.profile))
         await stop_process(baseline)
         sink_server.close()
 
     ratio = runs[1]["mails_per_s"] / runs[0]["mails_per_s"]
     print(machine.describe())
     print(f"relay of {args.n} plain 4 KB mails at C={args.concurrency}, loopback, one sink")
-    print(f"{'server':10} {'relayed/s':>9} {'250s/s':>8} {'seconds':>8}  accepted/arrived/duplicates")
+    print(f"{'server':10} {'relayed/s':>9} {'250s/s':>8} {'seconds':>8} {'CPU ms/mail server/load+sink':>29}"
+          "  accepted/arrived/duplicates")
     for r in runs:
-        print(f"{r['server']:10} {r['mails_per_s']:>9} {r['accepted_per_s']:>8} {r['seconds']:>8}  "
+        cpu = f"{r['server_cpu_ms_per_mail']:.2f} / {r['load_cpu_ms_per_mail']:.2f}"
+        print(f"{r['server']:10} {r['mails_per_s']:>9} {r['accepted_per_s']:>8} {r['seconds']:>8} {cpu:>29}  "
               f"{r['accepted']}/{r['arrived']}/{r['duplicates']}")
     print(f"mailgw / baseline: {ratio:.0%} (target >= {TARGET:.0%}: {'met' if ratio >= TARGET else 'NOT met'})")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine.describe(), "runs": runs, "ratio": round(ratio, 3)}))
+    if args.profile:
+        (args.profile / "mailgw-top.txt").write_text(profile_summary(args.profile / "mailgw.folded"))
+        print(f"profile: {args.profile / 'mailgw.folded'} (collapsed stacks), {args.profile / 'mailgw-top.txt'}")
     lost = any(r["arrived"] != r["sent"] or r["duplicates"] for r in runs)
     return 1 if lost else 0
 

@@ -49,7 +49,7 @@ class Proof(StrEnum):
 
 
 class Require(StrEnum):
-    ALL = "all"  # every proof configured (the default: a stolen password alone, or a replayed signed mail, is not enough)
+    ALL = "all"  # every proof configured (the default: a leaked password or a replayed signed mail is not enough)
     ANY = "any"  # one of them is enough (e.g. while a peer moves from AUTH to DKIM)
 
 

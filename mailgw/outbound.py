@@ -33,7 +33,7 @@ from .store import OutboxEntry, OutboxRow, Store, utcnow
 log = logging.getLogger("mailgw.outbound")
 
 POLL_INTERVAL = 2.0  # seconds between looks at the table when nothing is due sooner
-PARALLEL = 16        # recipients delivered to at once
+PARALLEL = 16        # deliveries under way at once
 SESSION_IDLE = 2.0   # seconds an unused SMTP session stays open for the next mail (Postfix: 2 s)
 REMEMBER = 120.0     # seconds an attempt's outcome is remembered, to tell stale rows from due ones
 
@@ -128,8 +128,8 @@ class Outbox:
         attempt was recorded after the table was read. One recipient's mail goes in queue order, so
         their mails arrive in the order they were made; a slow peer does not hold up the rest."""
         horizon = time.monotonic() - REMEMBER
-        for old in [i for i, (_, at) in self._attempted.items() if at < horizon]:
-            del self._attempted[old]
+        while self._attempted and next(iter(self._attempted.values()))[1] < horizon:  # oldest first
+            del self._attempted[next(iter(self._attempted))]
         for row in rows:
             if row.id in self._in_flight:
                 continue
@@ -149,19 +149,19 @@ class Outbox:
     async def _run_chain(self, rcpt: str) -> None:
         chain = self._chains[rcpt]
         try:
-            async with self._slots:
-                while chain and not self._stopping:
-                    row = chain.pop(0)
-                    sent = False
-                    try:
-                        sent = await self._attempt(row, self._sessions)
-                    except Exception:  # the store could not record it: the row is tried again later
-                        log.exception("could not record the attempt of mail %s to %s", row.id, row.rcpt_to)
-                    finally:
-                        self._in_flight.discard(row.id)
-                        self._attempted[row.id] = (row.attempts + 1, time.monotonic())
-                    if not sent:
-                        self._wake.set()  # its retry may be due sooner than the loop thinks
+            while chain and not self._stopping:
+                row = chain.pop(0)
+                sent = False
+                try:
+                    sent = await self._attempt(row, self._sessions)
+                except Exception:  # the store could not record it: the row is tried again later
+                    log.exception("could not record the attempt of mail %s to %s", row.id, row.rcpt_to)
+                finally:
+                    self._in_flight.discard(row.id)
+                    self._attempted.pop(row.id, None)  # re-inserted: the dict stays in time order
+                    self._attempted[row.id] = (row.attempts + 1, time.monotonic())
+                if not sent:
+                    self._wake.set()  # its retry may be due sooner than the loop thinks
         finally:
             del self._chains[rcpt]
             for row in chain:  # stopping: left in the table for the next start
@@ -169,9 +169,11 @@ class Outbox:
                 self._content.pop(row.id, None)
 
     async def _attempt(self, row: OutboxRow, sessions: Sessions) -> bool:
-        """One delivery attempt, recorded; True when the mail went."""
+        """One delivery attempt, recorded; True when the mail went. Up to PARALLEL deliveries at
+        once; recording the outcome (a group commit) does not hold a slot."""
         try:
-            await self._deliver(row, sessions)
+            async with self._slots:
+                await self._deliver(row, sessions)
         except PermanentFailure as exc:
             log.error("mail %s to %s failed for good: %s", row.id, row.rcpt_to, exc)
             await self.store.outbox_retry(row, str(exc), None)

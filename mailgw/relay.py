@@ -47,6 +47,7 @@ _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 _CALLER = re.compile(rb"^x-mailgw-caller-number:[ \t]*([+0-9]{1,21})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 # The monitor field's names (request.py: monitor, mon, 監視時間 in UTF-8), anywhere in the raw mail.
 _NAMES_MONITOR = re.compile(rb"(?i)monitor|\bmon\s*(?::|\xef\xbc\x9a)|\xe7\x9b\xa3\xe8\xa6\x96")
+_MONITOR_JA = "監視".encode()  # with b"mon": what the pattern needs, found much faster than the pattern
 # What our DKIM signature covers; the caller header twice, so one added later breaks it (RFC 6376 5.4.2).
 SIGNED_HEADERS = [b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
                   CALLER_HEADER.lower().encode(), CALLER_HEADER.lower().encode()]
@@ -262,7 +263,7 @@ class Relay:
     def _deadline(self, raw: bytes, mail_from: str, rcpt: str, now: datetime) -> datetime:
         """The monitor time a request names bounds its relaying; other mail gets
         ``relay.give_up_after``. Mail that never spells the field is not parsed (most relayed mail)."""
-        if not _NAMES_MONITOR.search(raw):
+        if not (b"mon" in raw.lower() or _MONITOR_JA in raw) or not _NAMES_MONITOR.search(raw):
             return now + timedelta(seconds=self.config.relay.give_up_after)
         try:
             request = parse_request(raw, mail_from=mail_from, rcpt_to=rcpt, directory=self.directory,
