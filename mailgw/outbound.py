@@ -8,6 +8,12 @@ or TLS, SMTP AUTH); otherwise through ``outbound.smarthost``, or the domain's MX
 ``outbound.max_retry_interval``; after ``outbound.give_up_after`` (or at once for a permanent 5xx
 refusal) the entry fails and is logged. Relayed mail (``relay.py``) has its own deadline and
 back-off (``relay.*``), and its sender gets a delivery status notification when it fails.
+
+The worker delivers in the background, up to PARALLEL mails at once, one recipient's mail in
+order, over SMTP sessions it keeps open while mail keeps coming. Relayed copies ingress has just
+stored are handed over in memory (``take``); the table is read for everything else, for retries
+and after a restart, and stays the truth: a row is sent only while it is ``queued`` there, and a
+row read before its attempt was recorded is recognised by its attempt count and skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ POLL_INTERVAL = 2.0  # seconds between looks at the table when nothing is due so
 PARALLEL = 16        # deliveries under way at once
 SESSION_IDLE = 2.0   # seconds an unused SMTP session stays open for the next mail (Postfix: 2 s)
 REMEMBER = 120.0     # seconds an attempt's outcome is remembered, to tell stale rows from due ones
+HELD_BYTES = 32 << 20  # relayed copies kept in memory for their first attempt, at most (else read back)
 
 
 class PermanentFailure(Exception):
@@ -57,7 +64,7 @@ class Outbox:
         self._chains: dict[str, list[OutboxRow]] = {}  # recipient -> its mail waiting to be tried, in order
         self._in_flight: set[str] = set()              # in a chain, not finished
         self._attempted: dict[str, tuple[int, float]] = {}  # id -> (attempts recorded, when): stale rows
-        self._content: dict[str, bytes] = {}           # relayed copies just stored: sent without a read
+        self._content = _Held(HELD_BYTES)              # relayed copies just stored: sent without a read
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def prepare(self, message: Message, *, rcpt_to: str, request_id: str | None,
@@ -93,7 +100,7 @@ class Outbox:
         for (entry, _, deadline), (_, content) in zip(batch.rows, batch.files):
             rows.append(OutboxRow(entry.id, now, entry.request_id, entry.mail_from, entry.rcpt_to, entry.path,
                                   "queued", 0, now, None, deadline))
-            self._content[entry.id] = content
+            self._content.put(entry.id, content)
         if self._stopping:  # the next start finds them in the table
             self._content.clear()
             return
@@ -134,7 +141,7 @@ class Outbox:
             if row.id in self._in_flight:
                 continue
             if row.attempts < self._attempted.get(row.id, (0, 0.0))[0]:
-                self._content.pop(row.id, None)
+                self._content.pop(row.id)
                 continue
             self._in_flight.add(row.id)
             chain = self._chains.get(row.rcpt_to)
@@ -166,7 +173,7 @@ class Outbox:
             del self._chains[rcpt]
             for row in chain:  # stopping: left in the table for the next start
                 self._in_flight.discard(row.id)
-                self._content.pop(row.id, None)
+                self._content.pop(row.id)
 
     async def _attempt(self, row: OutboxRow, sessions: Sessions) -> bool:
         """One delivery attempt, recorded; True when the mail went. Up to PARALLEL deliveries at
@@ -219,7 +226,7 @@ class Outbox:
         mailbox.deliver(self.config.mailbox_root, address, path.read_bytes(), group=self.config.mailbox_group)
 
     async def _deliver(self, row: OutboxRow, sessions: Sessions) -> None:
-        raw = self._content.pop(row.id, None)  # a relayed copy just taken from ingress
+        raw = self._content.pop(row.id)  # a relayed copy just taken from ingress
         address = normalise_address(row.rcpt_to)
         if address is None:
             raise PermanentFailure(f"not a mail address: {row.rcpt_to!r}")
@@ -275,6 +282,31 @@ def next_retry(now: datetime, attempts: int, first: float, longest: float, deadl
         return None
     delay = min(first * 2 ** attempts, longest)
     return min(now + timedelta(seconds=delay), deadline)
+
+
+class _Held:
+    """Mail contents by outbox id, up to ``limit`` bytes in all: past it, a delivery reads its file
+    (a slow peer must not make a backlog of big mails live in memory)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._by_id: dict[str, bytes] = {}
+
+    def put(self, outbox_id: str, content: bytes) -> None:
+        if self.size + len(content) <= self.limit and outbox_id not in self._by_id:
+            self._by_id[outbox_id] = content
+            self.size += len(content)
+
+    def pop(self, outbox_id: str) -> bytes | None:
+        content = self._by_id.pop(outbox_id, None)
+        if content is not None:
+            self.size -= len(content)
+        return content
+
+    def clear(self) -> None:
+        self._by_id.clear()
+        self.size = 0
 
 
 class Sessions:

@@ -11,6 +11,7 @@ from aiosmtpd.smtp import SMTP
 
 from mailgw.config import HostPort
 from mailgw.gateway import Gateway
+from mailgw.outbound import _Held
 
 from .conftest import _SinkHandler, request_mail, submit, wait_stage
 
@@ -89,3 +90,14 @@ async def test_a_kept_session_the_smarthost_dropped_is_replaced_at_once(make_con
     finally:
         await gw.stop()
         sink.close()
+
+
+def test_copies_held_for_their_first_attempt_are_bounded() -> None:
+    """Past its byte limit the outbox keeps no more contents in memory: those are read back from disk."""
+    held = _Held(10)
+    held.put("a", b"12345678")
+    held.put("b", b"123")  # would pass the limit
+    assert (held.pop("b"), held.size) == (None, 8)
+    assert (held.pop("a"), held.size) == (b"12345678", 0)
+    held.put("b", b"123")
+    assert (held.pop("b"), held.pop("b")) == (b"123", None)

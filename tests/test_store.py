@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from mailgw import mailbox
-from mailgw.spool import Spool, write_durably
+from mailgw.spool import Spool, new_id, write_all_durably, write_durably
 from mailgw.store import MessageState, NewMessage, OutboxEntry, Store, utcnow
 
 
@@ -101,3 +101,19 @@ def test_maildir_delivery_and_reading_marks_seen(tmp_path: Path) -> None:
     assert seen.path.parent.name == "cur" and seen.path.name.endswith(":2,S")
     assert [m.seen for m in mailbox.list_mail(tmp_path, "bob@a.example")] == [True]
     assert not list((tmp_path / "bob@a.example" / "tmp").iterdir())
+
+
+def test_ids_do_not_repeat_within_a_second() -> None:
+    """Three random bytes alone repeat within a second more often than not at a few thousand ids."""
+    ids = [new_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_batch_never_writes_over_a_file_already_there(tmp_path: Path) -> None:
+    """Another mail's file under the same name stays as it was; only the newcomer fails."""
+    taken, free = tmp_path / "taken.eml", tmp_path / "free.eml"
+    taken.write_bytes(b"the first mail")
+    errors = write_all_durably([(taken, b"a second mail"), (free, b"a third mail")])
+    assert isinstance(errors[0], FileExistsError) and errors[1] is None
+    assert (taken.read_bytes(), free.read_bytes()) == (b"the first mail", b"a third mail")
+    assert not list(tmp_path.glob(".*.tmp"))
