@@ -119,7 +119,7 @@ def memo_text(phrases: tuple[str, ...], picked: list[int], text: str) -> str:
     if text.strip():
         lines.append(text.strip())
     if not lines:
-        raise ValueError("the memo is empty: give --phrase N or --text TEXT")
+        raise ValueError("the memo is empty: give a phrase's number or some text")
     return "\n".join(lines)
 
 

@@ -207,9 +207,7 @@ def _calls(args: argparse.Namespace) -> int:
 
 
 def _memo(args: argparse.Namespace) -> int:
-    from .absence import memo_notice, memo_text
-    from .callhistory import recipients
-    from .store import NoticeRow
+    from .absence_memo import prepare_memo
 
     config = load_config(args.config, data_dir=args.data)
     if args.phrases:
@@ -230,20 +228,13 @@ def _memo(args: argparse.Namespace) -> int:
             call = await store.incoming_call(args.call)
         if call is None:
             return EX_DATAERR, f"mailgw memo: no incoming call {args.call!r} (see mailgw calls --ids)"
-        customer = await store.customer(id=call.customer_id) if call.customer_id else None
-        told = recipients(config, directory, customer)
-        notice = memo_notice(call.id, told, "")
-        if notice is None:
-            return EX_DATAERR, "mailgw memo: nobody to send it to (no person in charge, no representative address)"
         try:
-            text = memo_text(config.absence.phrases(notice.language), args.phrase, args.text)
+            row = await prepare_memo(store, config, directory, call, args.phrase, args.text, args.by)
         except ValueError as exc:
             return EX_DATAERR, f"mailgw memo: {exc}"
-        row = NoticeRow(call.id, notice.recipient, notice.language, notice.reason.value, kind="memo",
-                        memo=text + (f"\n-- {args.by}" if args.by else ""))
         if not await store.add_memo(row):
             return 1, f"mailgw memo: call {call.id} already has a memo"
-        return 0, f"memo on call {call.id} for {notice.recipient} recorded; the gateway mails it within seconds"
+        return 0, f"memo on call {call.id} for {row.recipient} recorded; the gateway mails it within seconds"
 
     code, message = asyncio.run(_with_store(args, work))
     print(message, file=sys.stderr if code else sys.stdout)

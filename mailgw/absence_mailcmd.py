@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import Message
 from email.utils import parseaddr
-from typing import Any
+from typing import Any, Callable
 
 from jinja2 import TemplateError
 from pytimeparse2 import parse as parse_seconds
 
 from .absence_mail import notice_mail
+from .absence_memo import MemoCommand, parse_memo_mail, store_memo
 from .absence_reply import parse_call_reply
 from .auth import Sender, Trust
 from .directory import Directory, Person, normalise_address
@@ -127,6 +128,7 @@ class AbsenceByMail:
         self.store = store
         self.outbox = outbox
         self.notifier = notifier
+        self.on_memo: Callable[[], None] = lambda: None  # the mailer's wake-up (set by the gateway)
 
     def parse_reply(self, raw: bytes, mail_from: str, rcpt: str) -> Any:
         """A reply ``call`` to a missed-call mail: the connect request (absence_reply.py), else None."""
@@ -134,16 +136,31 @@ class AbsenceByMail:
             return None
         return parse_call_reply(raw, mail_from=mail_from, rcpt_to=rcpt, config=self.config, directory=self.directory)
 
-    def parse(self, mail: ReceivedMail, rcpt: str, sender: Sender) -> AbsenceCommand | None:
+    async def parse(self, mail: ReceivedMail, rcpt: str, sender: Sender, mail_from: str = ""
+                    ) -> AbsenceCommand | MemoCommand | None:
+        """An ``absent``/``back`` or ``memo`` command to a service mailbox, or a ``memo`` reply to
+        the gateway's mail about a call (absence_memo.py); None for any other mail."""
         local, _, domain = rcpt.lower().rpartition("@")
-        if local not in self.config.requests.service_mailboxes or not self.config.is_local_domain(domain):
+        to_gateway = rcpt.lower() == (normalise_address(self.config.sender_address) or self.config.sender_address.lower())
+        service = local in self.config.requests.service_mailboxes and self.config.is_local_domain(domain)
+        if not service and not to_gateway:
             return None
+        memo = await parse_memo_mail(mail.message, mail_from=mail_from or "-", to_gateway=to_gateway,
+                                     config=self.config, directory=self.directory, store=self.store, sender=sender)
+        if memo is not None or not service:
+            return memo
         command = parse_absence_command(mail.message, self.directory, datetime.now(UTC))
         if command is not None:
             check_sender(command, sender)
         return command
 
-    async def apply(self, command: AbsenceCommand) -> None:
+    async def apply(self, command: AbsenceCommand | MemoCommand) -> None:
+        if isinstance(command, MemoCommand):
+            if await store_memo(self.store, command):
+                self.on_memo()
+                log.info("memo on call %s by %s for %s, by mail", command.row.call_id, command.person.address,
+                         command.row.recipient)
+            return
         person = command.person
         language = person.language if person.language in ("en", "ja") else "en"
         until = command.until.astimezone().strftime("%Y-%m-%d %H:%M") if command.until else ""

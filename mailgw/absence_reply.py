@@ -63,7 +63,8 @@ def parse_call_reply(raw: bytes, *, mail_from: str, rcpt_to: str, config: Config
     word = first_word(body_text(message))
     if word not in CALL_WORDS:
         raise Refused(550, "5.6.0", "reply not understood: to call the caller back, write only the word 'call' "
-                                    "(or 電話) at the top of your reply")
+                                    "(or 電話) at the top of your reply; to send a memo, 'memo' and the phrase "
+                                    "numbers or text")
     if caller is None:
         raise Refused(550, "5.6.0", f"the caller of call {call_id} withheld their number: it cannot be called back")
     _, address = email.utils.parseaddr(str(message.get("From") or ""))

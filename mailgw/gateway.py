@@ -96,6 +96,7 @@ class Gateway:
         handler.scenarios = self.scenarios
         if self.config.absence.enabled:
             handler.absence = AbsenceByMail(self.config, self.directory, self.store, self.outbox, notifier)
+            handler.absence.on_memo = self.absence_mailer.wake if self.absence_mailer else handler.absence.on_memo
         handler.relay = Relay(self.config, self.directory, self.destinations, self.outbox.root, self.outbox.take)
         self._server = await start_smtp(handler, self.config)
         log.info("mailgw listening for SMTP on %s:%d for %s; PBX %s at %s:%d", self.config.smtp.listen.host,

@@ -92,7 +92,7 @@ class IngressHandler:
                 self.relay.check_hops(raw)
             requests = []
             for rcpt in envelope.rcpt_tos:
-                if self.absence is not None and (command := self.absence.parse(mail, rcpt, sender)) is not None:
+                if self.absence is not None and (command := await self.absence.parse(mail, rcpt, sender, mail_from)) is not None:
                     absence_commands.append(command)  # done (durably) below, before 250
                     continue
                 if self.relay is not None and self.relay.is_relayed(rcpt):

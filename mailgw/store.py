@@ -870,6 +870,17 @@ class Store:
                                " ORDER BY created_at, call_id LIMIT ?", (limit,))  # oldest first
         return [_notice(r) for r in rows]
 
+    async def has_memo(self, call_id: str) -> bool:
+        rows = await self._read(self._query, "SELECT 1 FROM absence_notices WHERE call_id = ? AND kind = 'memo'",
+                               (call_id,))
+        return bool(rows)
+
+    async def last_answered_by(self, extension: str, since: datetime) -> "IncomingRow | None":
+        """The latest incoming call ``extension`` answered that started after ``since``."""
+        rows = await self._read(self._query, "SELECT * FROM incoming_calls WHERE answered_by = ? AND started_at >= ?"
+                               " ORDER BY started_at DESC LIMIT 1", (extension, _ts(since)))
+        return _incoming(rows[0]) if rows else None
+
     async def add_memo(self, notice: "NoticeRow") -> bool:
         """Record a colleague's memo on a call (sent by the mailer); False if the call has one already."""
         rows = await self._read(self._query, "SELECT 1 FROM absence_notices WHERE call_id = ? AND kind = 'memo'",
