@@ -71,6 +71,18 @@ class CallEnds:
         return self.latest[call_id]
 
 
+async def missed_call(gw: Gateway, tmp_path: Path, **call: object) -> str:
+    """The customer list imported, Tanaka absent, and XX Corp's call to him missed (recorded, its
+    notice decided): the call's id. ``call``: more of ``place_incoming``'s options."""
+    await import_customers(gw, tmp_path)
+    await gw.store.set_absence("tanaka@b.example", until=None, note="", source="test")
+    ends = CallEnds(gw)
+    call_id = await place_incoming(gw, "0312345678", "2000", answer="nobody", **call)  # type: ignore[arg-type]
+    row, notice = await ends.wait(call_id)
+    assert notice is not None and notice.recipient == "tanaka@b.example" and row.answered_by is None
+    return call_id
+
+
 async def place_incoming(gw: Gateway, caller: str | None, to: str, *, answer: str | None = None,
                          ring_time: float = 20.0, message: Path | None = None) -> str:
     """An incoming call from outside on the simulator (SimIncoming over AMI); its trunk Uniqueid.

@@ -17,7 +17,7 @@ from mailgw.config import Config
 from mailgw.gateway import Gateway
 from mailgw.pbx.outgoing import AnsweredOutgoing, dialled
 
-from .absence_helpers import CallEnds, import_customers, place_incoming
+from .absence_helpers import CallEnds, import_customers, missed_call, place_incoming
 from .conftest import Sink, request_mail, running_gateway, submit, wait_stage
 from .test_absence_e2e import absence_config, set_absent
 
@@ -102,11 +102,8 @@ async def test_an_answered_call_and_other_numbers_are_not_marked(make_config: Ca
 async def test_calling_back_by_reply_through_the_gateway_marks_the_missed_call(
         make_config: Callable[..., Config], sink: Sink, tmp_path: Path) -> None:
     async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
-        await import_customers(gw, tmp_path)
-        await set_absent(gw, "tanaka@b.example")
-        ends, followups = CallEnds(gw), Followups(gw)
-        call_id = await place_incoming(gw, "0312345678", "2000", answer="nobody")
-        await ends.wait(call_id)
+        followups = Followups(gw)
+        call_id = await missed_call(gw, tmp_path)
         _, _, missed = await sink.next()
         reply = request_mail("tanaka@b.example", gw.config.sender_address, "call\n", subject="Re: missed")
         reply["In-Reply-To"] = missed["Message-ID"]

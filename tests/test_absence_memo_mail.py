@@ -10,9 +10,9 @@ from typing import Callable
 
 from mailgw.config import Config
 
-from .absence_helpers import CallEnds, import_customers, place_incoming
+from .absence_helpers import CallEnds, import_customers, missed_call, place_incoming
 from .conftest import Sink, request_mail, running_gateway, submit
-from .test_absence_e2e import absence_config, set_absent
+from .test_absence_e2e import absence_config
 
 
 async def test_memo_to_the_service_mailbox_goes_to_the_person_in_charge(
@@ -78,11 +78,7 @@ async def test_bad_memos_are_refused_saying_why(make_config: Callable[..., Confi
 async def test_memo_in_reply_to_a_missed_call_mail(make_config: Callable[..., Config], sink: Sink,
                                                    tmp_path: Path) -> None:
     async with running_gateway(absence_config(make_config, tmp_path), sink) as gw:
-        await import_customers(gw, tmp_path)
-        await set_absent(gw, "tanaka@b.example")
-        ends = CallEnds(gw)
-        call_id = await place_incoming(gw, "0312345678", "2000", answer="nobody")
-        await ends.wait(call_id)
+        call_id = await missed_call(gw, tmp_path)
         _, _, missed = await sink.next()
 
         def reply(body: str, in_reply_to: str):  # noqa: ANN202

@@ -18,7 +18,7 @@ from mailgw.cli import main
 from mailgw.config import Config
 from mailgw.gateway import Gateway
 
-from .absence_helpers import CallEnds, import_customers, place_incoming
+from .absence_helpers import CallEnds, import_customers, missed_call, place_incoming
 from .conftest import Sink, running_gateway
 from .test_absence_e2e import absence_config, set_absent
 
@@ -33,16 +33,6 @@ def voice_message(path: Path, seconds: float = 0.2) -> bytes:
         out.writeframes(bytes(range(256)) * int(seconds * 8000 * 2 / 256))
     path.write_bytes(buffer.getvalue())
     return buffer.getvalue()
-
-
-async def missed_call_with(gw: Gateway, tmp_path: Path, **call: object) -> str:
-    await import_customers(gw, tmp_path)
-    await set_absent(gw, "tanaka@b.example")
-    ends = CallEnds(gw)
-    call_id = await place_incoming(gw, "0312345678", "2000", answer="nobody", **call)  # type: ignore[arg-type]
-    row, notice = await ends.wait(call_id)
-    assert notice is not None and notice.recipient == "tanaka@b.example" and row.answered_by is None
-    return call_id
 
 
 async def test_voice_message_left_on_the_simulator_is_attached_byte_for_byte(
@@ -77,7 +67,7 @@ async def test_too_big_recording_is_not_attached_and_the_mail_says_so(
     voice_message(tmp_path / "long.wav", seconds=1.0)  # 16 kB
     config = absence_config(make_config, tmp_path, recording_max_bytes=4096)
     async with running_gateway(config, sink) as gw:
-        call_id = await missed_call_with(gw, tmp_path, message=tmp_path / "long.wav")
+        call_id = await missed_call(gw, tmp_path, message=tmp_path / "long.wav")
         _, _, message = await sink.next()
         assert message.get_content_type() == "text/plain" and message["X-CTI-Call"] == call_id
         body = message.get_content()
