@@ -41,7 +41,7 @@ log = logging.getLogger("mailgw.outbound")
 POLL_INTERVAL = 2.0  # seconds between looks at the table when nothing is due sooner
 PARALLEL = 16        # deliveries under way at once
 SESSION_IDLE = 2.0   # seconds an unused SMTP session stays open for the next mail (Postfix: 2 s)
-REMEMBER = 120.0     # seconds an attempt's outcome is remembered, to tell stale rows from due ones
+REMEMBER = 30.0      # seconds an attempt's outcome is remembered, to tell stale rows from due ones
 HELD_BYTES = 32 << 20  # relayed copies kept in memory for their first attempt, at most (else read back)
 
 
