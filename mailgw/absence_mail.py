@@ -26,7 +26,8 @@ from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr, make_msgid
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
 
 from .absence_reply import missed_call_message_id
 from .absence import DigestPreference, Pending, plan_sending, subject_name
@@ -50,6 +51,9 @@ class AbsenceMailer:
         self.outbox = outbox
         self.notifier = notifier
         self._wake = asyncio.Event()
+        # The HTML alternative: the same sandbox, with every variable HTML-escaped.
+        self.html_env = SandboxedEnvironment(loader=FileSystemLoader(str(config.templates)), undefined=StrictUndefined,
+                                             autoescape=True, auto_reload=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -147,7 +151,8 @@ class AbsenceMailer:
             subject, body = _fallback(context)
         attachments = [Attachment(recording.data, recording.content_type, context["recording"]["filename"])] \
             if recording is not None and recording.attached else []
-        message = notice_mail(self.config, notice.recipient, subject, body, attachments=attachments)
+        html = self._html(language, context) if self.config.absence.wants_html(notice.recipient) else None
+        message = notice_mail(self.config, notice.recipient, subject, body, html=html, attachments=attachments)
         # Names the call and the caller, so that a reply "call" calls back (absence_reply.py).
         message.replace_header("Message-ID", missed_call_message_id(call.id, call.caller_key, self.config.domains[0]))
         message["X-CTI-Call"] = call.id
@@ -192,6 +197,14 @@ class AbsenceMailer:
             if recording is not None else None,
         }
 
+    def _html(self, language: str, context: dict[str, Any]) -> str | None:
+        """``templates/absence.<language>.html`` rendered, or None (plain text only) when it fails."""
+        try:
+            return self.html_env.get_template(f"absence.{language}.html").render(context)
+        except (TemplateError, OSError, ValueError) as exc:
+            log.error("template absence.%s.html failed (%s); sending the plain text only", language, exc)
+            return None
+
     def _called_back(self, callback: tuple[datetime, str] | None) -> dict[str, str] | None:
         """When and by whom a missed call was followed up (the caller called back), or None."""
         if callback is None:
@@ -220,10 +233,17 @@ class Attachment:
 
 
 def notice_mail(config: Config, recipient: str, subject: str, body: str, *,
-                auto_submitted: str = "auto-generated", attachments: list[Attachment] | tuple[()] = ()) -> Message:
-    """A plain-text notice from the gateway (UTF-8 unless it is all ASCII), with ``attachments``
-    after the text (multipart/mixed); RFC 3834 marks it automatic so that no auto-reply answers it."""
+                auto_submitted: str = "auto-generated", html: str | None = None,
+                attachments: list[Attachment] | tuple[()] = ()) -> Message:
+    """A plain-text notice from the gateway (UTF-8 unless it is all ASCII), with an ``html``
+    alternative after it (multipart/alternative, plain text first) and ``attachments`` after the
+    text (multipart/mixed); RFC 3834 marks it automatic so that no auto-reply answers it."""
     message: Message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
+    if html is not None:
+        alternative = MIMEMultipart("alternative")
+        alternative.attach(message)
+        alternative.attach(MIMEText(html, "html", "utf-8"))
+        message = alternative
     if attachments:
         mixed = MIMEMultipart("mixed")
         mixed.attach(message)

@@ -205,6 +205,12 @@ class AbsenceConfig:
     # the simulator's <data_dir>/sim-recordings and /var/spool/asterisk. See absence_recording.py.
     recordings: tuple[str, ...] = ()
     recording_max_bytes: int = 5 * 1024 * 1024  # bigger recordings are not attached (the mail says so)
+    # An HTML alternative (templates/absence.<language>.html) after the plain text: for everyone
+    # (True), nobody (False), or the addresses listed.
+    html: bool | tuple[str, ...] = False
+
+    def wants_html(self, address: str) -> bool:
+        return self.html if isinstance(self.html, bool) else address.lower() in self.html
 
     def phrases(self, language: str) -> tuple[str, ...]:
         table = dict(self.memo_phrases)
@@ -398,7 +404,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
                                              "max_hops", "dns", "mx_port"}), d.relay),
         absence=_absence(_section(raw, "absence", {"enabled", "representative", "notify_unanswered", "history",
                                                         "poll_interval", "memo_phrases", "digests",
-                                                        "recordings", "recording_max_bytes"}),
+                                                        "recordings", "recording_max_bytes", "html"}),
                          d.absence),
         language=_str(raw, "language", d.language, ""),
         gateway_address=_str(raw, "gateway_address", d.gateway_address, ""),
@@ -448,8 +454,13 @@ def _absence(raw: dict[str, Any], d: AbsenceConfig) -> AbsenceConfig:
             isinstance(r, str) and (r.startswith(("/", "http://", "https://"))) for r in recordings):
         raise ConfigError("absence.recordings: must be a list of absolute directories or http(s):// URL prefixes")
     max_bytes = _size(raw.get("recording_max_bytes"), d.recording_max_bytes, "absence.recording_max_bytes")
+    html = raw.get("html", d.html)
+    if isinstance(html, (list, tuple)) and all(isinstance(a, str) and "@" in a for a in html):
+        html = tuple(a.strip().lower() for a in html)
+    elif not isinstance(html, bool):
+        raise ConfigError("absence.html: true, false, or a list of the mail addresses that want it")
     return AbsenceConfig(
-        recordings=tuple(recordings), recording_max_bytes=max_bytes,
+        recordings=tuple(recordings), recording_max_bytes=max_bytes, html=html,
         digests=tuple(digests),
         enabled=_bool(raw, "enabled", d.enabled, "absence."),
         representative=representative.strip().lower() if representative else None,

@@ -58,6 +58,9 @@ def test_media_section(tmp_path: Path) -> None:
     ("media: {max_voice_seconds: forever}", "media.max_voice_seconds: 'forever' is not a duration"),
     ("media: {max_part_bytes: lots}", "media.max_part_bytes: 'lots' is not a size"),
     ("media: {spol: /tmp}", "media.spol: unknown key"),
+    ("absence: {html: sometimes}", "absence.html: true, false, or a list"),
+    ("absence: {recordings: [relative/dir]}", "absence.recordings: must be a list of absolute"),
+    ("absence: {recording_max_bytes: lots}", "absence.recording_max_bytes: 'lots' is not a size"),
 ])
 def test_mistakes_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "gw.yaml"
