@@ -366,17 +366,20 @@ class Dispatcher:
     async def _finish(self, row: MessageRow, request: ExchangeRequest, result: Result,
                       call: CallEnd | None = None) -> None:
         ok = result.outcome in ("answered", "dry-run", "completed")
-        notification = None
+        notification, content = None, b""
         if should_notify(request, result):
             mail = self.notifier.result_mail(request, result)
-            notification = await self.outbox.prepare(mail, rcpt_to=request.sender, request_id=row.id)
+            notification, content = self.outbox.compose(mail, rcpt_to=request.sender, request_id=row.id)
+        # The result mail's file is written in the same group commit as the outcome, and then
+        # handed to the outbox in memory: no thread hop of its own, no read of the table or file.
         await self.store.finish_request(row.id, MessageState.DONE if ok else MessageState.FAILED,
                                         outcome=result.outcome, status=result.status, detail=result.detail,
-                                        notification=notification, call=call)
+                                        notification=notification, call=call,
+                                        files=[(notification.path, content)] if notification else ())
         log.info("request %s outcome: %s (%s) %s", row.id, result.outcome, result.status,
                  "" if request.confidential else result.detail)
         if notification is not None:
-            self.outbox.wake()
+            self.outbox.take_stored([(notification, content, None)])
 
 
 # --- decisions ----------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Outbox:
         self._attempted: dict[str, tuple[int, float]] = {}  # id -> (attempts recorded, when): stale rows
         self._content = _Held(HELD_BYTES)              # relayed copies just stored: sent without a read
         self._tasks: set[asyncio.Task[None]] = set()
+        self._look_again = False  # the last look at the table left due mail for later
 
     async def prepare(self, message: Message, *, rcpt_to: str, request_id: str | None,
                       mail_from: str | None = None) -> OutboxEntry:
@@ -76,6 +77,14 @@ class Outbox:
         path = await asyncio.to_thread(write_durably, self.root / f"{outbox_id}.eml", raw)
         return OutboxEntry(outbox_id, request_id, self.config.sender_address if mail_from is None else mail_from,
                            rcpt_to, path)
+
+    def compose(self, message: Message, *, rcpt_to: str, request_id: str | None,
+                mail_from: str | None = None) -> tuple[OutboxEntry, bytes]:
+        """``prepare`` without the write: the entry and its bytes. The caller stores the file in
+        the group commit of its own rows (``files=``), then hands both to ``take_stored``."""
+        outbox_id = new_id()
+        return (OutboxEntry(outbox_id, request_id, self.config.sender_address if mail_from is None else mail_from,
+                            rcpt_to, self.root / f"{outbox_id}.eml"), message.as_bytes())
 
     async def send(self, message: Message, *, rcpt_to: str, request_id: str | None,
                    mail_from: str | None = None) -> None:
@@ -93,11 +102,17 @@ class Outbox:
         self._wake.set()
 
     def take(self, batch: RelayBatch) -> None:
-        """Relayed copies ingress has just stored: delivered at once, from memory (no look at the
-        table, no read of the files). The table stays the truth for retries and restarts."""
+        """Relayed copies ingress has just stored: delivered at once, from memory."""
+        self.take_stored([(entry, content, deadline)
+                          for (entry, _, deadline), (_, content) in zip(batch.rows, batch.files)])
+
+    def take_stored(self, mails: list[tuple[OutboxEntry, bytes, datetime | None]]) -> None:
+        """Mail just stored (rows committed, files fsynced): delivered at once, from memory (no
+        look at the table, no read of the files). The table stays the truth for retries and
+        restarts."""
         now = utcnow()
         rows = []
-        for (entry, _, deadline), (_, content) in zip(batch.rows, batch.files):
+        for entry, content, deadline in mails:
             rows.append(OutboxRow(entry.id, now, entry.request_id, entry.mail_from, entry.rcpt_to, entry.path,
                                   "queued", 0, now, None, deadline))
             self._content.put(entry.id, content)
@@ -117,8 +132,12 @@ class Outbox:
                 due, next_try = await self.store.due_outbox(utcnow())
                 self._dispatch(due)
                 self._sessions.close_idle(SESSION_IDLE)
-                timeout = POLL_INTERVAL if next_try is None else \
-                    min(POLL_INTERVAL, max(0.0, (next_try - utcnow()).total_seconds()))
+                now = utcnow()
+                # More mail due than one look takes (a backlog, all of it under way): look again
+                # when a recipient's deliveries end, not at once (that would spin on the table).
+                self._look_again = next_try is not None and next_try <= now
+                timeout = POLL_INTERVAL if next_try is None or self._look_again else \
+                    min(POLL_INTERVAL, (next_try - now).total_seconds())
                 if self._sessions.open and not self._in_flight:
                     timeout = min(timeout, SESSION_IDLE)  # come back to close them
                 try:
@@ -171,6 +190,9 @@ class Outbox:
                     self._wake.set()  # its retry may be due sooner than the loop thinks
         finally:
             del self._chains[rcpt]
+            if self._look_again:
+                self._look_again = False
+                self._wake.set()
             for row in chain:  # stopping: left in the table for the next start
                 self._in_flight.discard(row.id)
                 self._content.pop(row.id)

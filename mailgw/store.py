@@ -471,9 +471,11 @@ class Store:
         await self._commit(_outbox_insert(entry))
 
     async def finish_request(self, message_id: str, state: MessageState, *, outcome: str, status: str,
-                             detail: str, notification: "OutboxEntry | None", call: "CallEnd | None" = None) -> None:
+                             detail: str, notification: "OutboxEntry | None", call: "CallEnd | None" = None,
+                             files: Files = ()) -> None:
         """Record how a request (and its last call) ended and queue its notification in one
-        transaction, so a crash can neither lose the notification nor send it twice."""
+        transaction, so a crash can neither lose the notification nor send it twice. ``files``
+        (the notification's, from ``Outbox.compose``) are fsynced first, in the same group commit."""
         now = _ts(utcnow())
         statements: list[tuple[str, tuple[Any, ...]]] = [_call_finish(call)] if call is not None else []
         statements += [
@@ -483,7 +485,7 @@ class Store:
         ]
         if notification is not None:
             statements += _outbox_insert(notification)
-        await self._commit(statements)
+        await self._commit(statements, files)
 
     async def await_read(self, message_id: str, link: str, mails: list["OutboxEntry"]) -> None:
         """The request's mail is in the recipient's mailbox (the "mail link": a Maildir name, an

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import replace
+from email.message import EmailMessage
 
 from aiosmtpd.smtp import SMTP
 
@@ -13,7 +14,7 @@ from mailgw.config import HostPort
 from mailgw.gateway import Gateway
 from mailgw.outbound import _Held
 
-from .conftest import _SinkHandler, request_mail, submit, wait_stage
+from .conftest import _SinkHandler, maildir_messages, request_mail, submit, wait_stage
 
 
 def free_port() -> int:
@@ -101,3 +102,35 @@ def test_copies_held_for_their_first_attempt_are_bounded() -> None:
     assert (held.pop("a"), held.size) == (b"12345678", 0)
     held.put("b", b"123")
     assert (held.pop("b"), held.pop("b")) == (b"123", None)
+
+
+async def test_a_backlog_larger_than_one_look_is_delivered_without_spinning_on_the_table(make_config) -> None:
+    """More mail due than one look at the table takes (200): the outbox delivers what it took and
+    looks again when those deliveries end, instead of reading the table in a tight loop (which
+    starved every other stage of the event loop)."""
+    gw = Gateway(make_config())
+    await gw.start()
+    looks = 0
+    due_outbox = gw.store.due_outbox
+
+    async def counted(*args, **kwargs):  # the real query, counted
+        nonlocal looks
+        looks += 1
+        return await due_outbox(*args, **kwargs)
+
+    gw.store.due_outbox = counted  # type: ignore[method-assign]
+    try:
+        entries = []
+        for i in range(260):
+            message = EmailMessage()
+            message["Subject"], message["To"] = f"backlog {i}", "bob@a.example"
+            message.set_content("x")
+            entries.append(await gw.outbox.prepare(message, rcpt_to="bob@a.example", request_id="backlog"))
+        await asyncio.gather(*(gw.store.add_outbox(entry) for entry in entries))
+        gw.outbox.wake()
+        await wait_stage(gw.store, "backlog", "notified", 30, count=260)  # one per mail delivered
+        assert sorted(m["Subject"] for m in maildir_messages(gw, "bob@a.example")) == sorted(
+            f"backlog {i}" for i in range(260))
+        assert looks < 40  # a spinning loop looks thousands of times while 260 mails go out
+    finally:
+        await gw.stop()
