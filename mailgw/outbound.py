@@ -115,7 +115,8 @@ class Outbox:
         for entry, content, deadline in mails:
             rows.append(OutboxRow(entry.id, now, entry.request_id, entry.mail_from, entry.rcpt_to, entry.path,
                                   "queued", 0, now, None, deadline))
-            self._content.put(entry.id, content)
+            if entry.id not in self._in_flight:  # else a look at the table was quicker: it reads the file
+                self._content.put(entry.id, content)
         if self._stopping:  # the next start finds them in the table
             self._content.clear()
             return
