@@ -39,7 +39,7 @@ from .request import text_body
 from .status import Refused
 from .store import IncomingRow, NoticeRow, Store, utcnow
 
-MEMO_WORDS = frozenset({"memo", "note", "メモ", "伝言", "伝言メモ"})
+MEMO_WORDS = frozenset({"memo", "メモ", "伝言", "伝言メモ"})
 MEMO_WINDOW = timedelta(hours=24)  # "memo" to the service mailbox: a call answered this recently
 MAX_LINES = 50
 _NUMBER = re.compile(r"#?([0-9]{1,3})")
@@ -85,7 +85,7 @@ def read_memo(text: str) -> MemoText | None:
             continue
         if folded.startswith(">"):
             return None
-        word, _, rest = folded.partition(" ")
+        word, rest = re.match(r"([^\s:]*)[\s:]*(.*)", folded).groups()  # type: ignore[union-attr]
         if word.casefold() not in MEMO_WORDS:
             return None
         tokens = [t for t in re.split(r"[\s,、]+", rest) if t]

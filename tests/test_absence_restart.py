@@ -1,7 +1,8 @@
 """A restart mid-call loses no missed-call notice and sends none twice.
 
 The PBX (a simulator of its own here) keeps the calls going while the gateway is stopped: one call
-ends while the gateway is down, another one rings on across the restart and ends after it.
+ends while the gateway is down (its voice message, named before the restart, still attached),
+another one rings on across the restart and ends after it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,19 @@ async def test_calls_ending_during_and_after_a_restart_each_give_one_mail(
             for call_id in (first, second):  # both recorded as ringing before the gateway goes
                 row, _ = await recorded.wait(call_id, until=lambda row: bool(row.rung))
                 assert row.ended_at is None
-        channel = {ch.uniqueid: ch.name for ch in sim._channels.values()}
+            channel = {ch.uniqueid: ch.name for ch in sim._channels.values()}
+            # The dial plan names a voice message for the first call: recorded before the restart.
+            voice = config.data_dir / "sim-recordings" / "first.wav"
+            voice.parent.mkdir(parents=True)
+            voice.write_bytes(b"RIFF-voice-message")
+            assert gw.pbx is not None and gw.call_history is not None
+            with gw.pbx.client.subscribe("VarSet") as var_sets:
+                reply = await caller.action("Setvar", Channel=channel[first], Variable="MAILGW_RECORDING",
+                                            Value=str(voice))
+                assert reply.ok, reply
+                await var_sets.wait_for(lambda m: m.get("Value") == str(voice), timeout=10)
+            await gw.call_history.settled()
+            assert await gw.store.recording_of(first) == str(voice)
 
         await hang_up(caller, channel[first])  # ends while the gateway is down
 
@@ -58,6 +71,7 @@ async def test_calls_ending_during_and_after_a_restart_each_give_one_mail(
             ends = CallEnds(gw)
             _, rcpt_tos, message = await sink.next()
             assert rcpt_tos == ["tanaka@b.example"] and message["X-CTI-Call"] == first
+            assert [a.get_content() for a in message.iter_attachments()] == [b"RIFF-voice-message"]
             row = await gw.store.incoming_call(first)
             assert row is not None and row.ended_unseen and row.answered_by is None
             await hang_up(caller, channel[second])  # still ringing across the restart: followed on
