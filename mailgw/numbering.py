@@ -23,6 +23,7 @@ A number reaches the PBX inside an AMI dial string, so whatever a mail says is r
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from enum import StrEnum
@@ -106,12 +107,17 @@ def classify(number: str, numbering: NumberingConfig) -> Network:
     in Japan) — and ``public`` for everything else. The network labels the call; it never
     loosens policy, which checks every number on its own.
     """
-    if re.fullmatch(numbering.extension_pattern, number):
+    return _network(number, numbering.extension_pattern, numbering.region)
+
+
+@functools.lru_cache(maxsize=4096)  # the same few numbers come again and again; phonenumbers is slow
+def _network(number: str, extension_pattern: str, region: str) -> Network:
+    if re.fullmatch(extension_pattern, number):
         return Network.EXTENSION
-    if number.startswith("+") or _starts_with_international_prefix(number, numbering.region):
+    if number.startswith("+") or _starts_with_international_prefix(number, region):
         return Network.TOLL
     try:
-        parsed = phonenumbers.parse(number, numbering.region)
+        parsed = phonenumbers.parse(number, region)
     except phonenumbers.NumberParseException:
         return Network.PUBLIC
     if phonenumbers.number_type(parsed) in _TOLL_TYPES:

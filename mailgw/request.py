@@ -508,10 +508,13 @@ def _decoded_header(entity: Message, name: str) -> str:
     raw = _raw_header(entity, name)
     if raw is None:
         return ""
-    try:
-        text = str(email.policy.default.header_fetch_parse(name, raw[: 4 * MAX_VALUE]))
-    except Exception:  # email's structured header parsers trip over garbage
-        text = raw
+    if raw.isascii() and "=?" not in raw:
+        text = raw  # nothing encoded (most mail): the parser would only unfold it, as done below
+    else:
+        try:
+            text = str(email.policy.default.header_fetch_parse(name, raw[: 4 * MAX_VALUE]))
+        except Exception:  # email's structured header parsers trip over garbage
+            text = raw
     text = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") else ch for ch in text)
     return " ".join(text.split())[:MAX_VALUE]
 
