@@ -141,12 +141,12 @@ async def parse_memo_mail(message: Message, *, mail_from: str, to_gateway: bool,
             raise Refused(550, "5.6.0", f"memo: {person.address} answered no incoming call in the last "
                                         f"{MEMO_WINDOW.total_seconds() / 3600:g} hours; reply 'memo ...' to the "
                                         "gateway's mail about the call instead")
-    if await store.has_memo(call.id):
-        raise Refused(550, "5.6.0", f"memo: call {call.id} already has a memo")
     try:
         row = await prepare_memo(store, config, directory, call, memo.phrases, memo.text, person.name)
     except ValueError as exc:
         raise Refused(550, "5.6.0", f"memo: {exc} (write e.g. 'memo 1 3 About the invoice.')") from None
+    if await store.has_memo(call.id):
+        raise Refused(550, "5.6.0", f"memo: call {call.id} already has a memo")
     return MemoCommand(person, row)
 
 

@@ -38,6 +38,8 @@ async def test_memo_to_the_service_mailbox_goes_to_the_person_in_charge(
 
         again = await submit(gw.smtp_port, request_mail("bob@b.example", "cti@a.example", "memo 2\n"))
         assert again.code == 550 and "5.6.0" in again.text and "already has a memo" in again.text
+        again = await submit(gw.smtp_port, request_mail("bob@b.example", "cti@a.example", "memo 7\n"))
+        assert again.code == 550 and "there is no phrase 7" in again.text  # the mistake is named first
 
         # Japanese: the phrases come in the recipient's language; full-width digits count.
         other = await place_incoming(gw, "0611112222", "2001", answer="2001")  # YY Shoji, 山田's customer
