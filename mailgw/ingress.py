@@ -134,7 +134,7 @@ class IngressHandler:
             # The raw mail (and each relayed copy) goes to disk inside the store's group commit:
             # fsynced, with its folder, before the rows that name it are committed; 250 after both.
             spooled = [(self.spool.path_for(queue_id), raw)] if entries else []
-            stored = await self.store.add_messages(entries, relayed=batch.rows, files=spooled + batch.files)
+            stored = await self.store.add_messages(entries, relayed=batch.rows, files=spooled)
         except Exception:  # disk full, database locked, ...: the sender's MTA will try again
             log.exception("could not store message %s", queue_id)
             return ascii_reply(TEMPORARY_FAILURE)

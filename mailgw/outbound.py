@@ -39,7 +39,7 @@ from .store import OutboxEntry, OutboxRow, Store, utcnow
 log = logging.getLogger("mailgw.outbound")
 
 POLL_INTERVAL = 2.0  # seconds between looks at the table when nothing is due sooner
-PARALLEL = 16        # deliveries under way at once
+PARALLEL = 32        # deliveries under way at once (Postfix: 20 per destination, 100 in all)
 SESSION_IDLE = 2.0   # seconds an unused SMTP session stays open for the next mail (Postfix: 2 s)
 REMEMBER = 30.0      # seconds an attempt's outcome is remembered, to tell stale rows from due ones
 HELD_BYTES = 32 << 20  # relayed copies kept in memory for their first attempt, at most (else read back)
@@ -103,8 +103,8 @@ class Outbox:
 
     def take(self, batch: RelayBatch) -> None:
         """Relayed copies ingress has just stored: delivered at once, from memory."""
-        self.take_stored([(entry, content, deadline)
-                          for (entry, _, deadline), (_, content) in zip(batch.rows, batch.files)])
+        self.take_stored([(entry, entry.content, deadline) for entry, _, deadline in batch.rows
+                          if entry.content is not None])
 
     def take_stored(self, mails: list[tuple[OutboxEntry, bytes, datetime | None]]) -> None:
         """Mail just stored (rows committed, files fsynced): delivered at once, from memory (no
@@ -125,7 +125,7 @@ class Outbox:
     async def run(self) -> None:
         """Deliver due mail until ``stop()``; looks at the table when woken, when the next retry is
         due, and every POLL_INTERVAL (``mailgw queue retry`` changes it from outside). Deliveries run
-        in the background, up to PARALLEL recipients at once, over SMTP sessions kept open while
+        in the background, up to PARALLEL at once, over SMTP sessions kept open while
         mail keeps coming (SESSION_IDLE)."""
         try:
             while not self._stopping:
@@ -236,7 +236,7 @@ class Outbox:
         if row.deadline is None or not row.mail_from:
             return
         try:
-            original = await asyncio.to_thread(row.path.read_bytes)
+            original = await self._read(row)
             dsn = delivery_status_notification(self.config, row, original, status=status, reason=reason,
                                                now=utcnow())
             await self.send(dsn, rcpt_to=row.mail_from, request_id=row.request_id, mail_from="")
@@ -244,6 +244,11 @@ class Outbox:
             log.exception("could not queue the bounce of mail %s to %s", row.id, row.mail_from)
             return
         log.info("mail %s to %s bounced to %s (%s)", row.id, row.rcpt_to, row.mail_from, status)
+
+    async def _read(self, row: OutboxRow) -> bytes:
+        """The mail of an outbox row: a relayed copy from the store, anything else from its file."""
+        content = await self.store.relay_content(row.id) if row.deadline is not None else None
+        return content if content is not None else await asyncio.to_thread(row.path.read_bytes)
 
     def _deliver_locally(self, path: Path, address: str) -> None:
         mailbox.deliver(self.config.mailbox_root, address, path.read_bytes(), group=self.config.mailbox_group)
@@ -260,7 +265,7 @@ class Outbox:
             await asyncio.to_thread(self._deliver_locally, row.path, address)  # one thread hop, not two
             return
         if raw is None:
-            raw = await asyncio.to_thread(row.path.read_bytes)
+            raw = await self._read(row)
         destination = await self._destination(domain)
         try:
             await sessions.send(raw, mail_from=row.mail_from, rcpt=address, destination=destination)

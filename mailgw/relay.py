@@ -133,10 +133,10 @@ class RelayCopy:
 
 @dataclass
 class RelayBatch:
-    """The relayed copies of one mail: their files and queue rows, stored in one transaction."""
+    """The relayed copies of one mail: their queue rows, each with the copy as it is sent
+    (``OutboxEntry.content``), stored in one transaction with the rest of the mail."""
 
     rows: list[tuple[OutboxEntry, str, datetime]] = field(default_factory=list)  # entry, peer domain, deadline
-    files: list[tuple[Path, bytes]] = field(default_factory=list)  # each copy as it is sent
 
 
 class Relay:
@@ -153,9 +153,9 @@ class Relay:
 
     async def write(self, raw: bytes, copies: list[RelayCopy], *, queue_id: str, first: int, count: int,
                     mail_from: str, session: Any) -> RelayBatch:
-        """Each copy as the file to write (trace headers on top, the mail as received below) and its
-        queue row. The caller hands both to the store's group commit, which writes the files durably
-        before the rows (one fsync round for the whole batch, no thread hop of its own)."""
+        """Each copy (trace headers on top, the mail as received below) with its queue rows. The
+        caller stores them in the store's group commit, the copy in the same SQLite transaction as
+        its rows: one WAL fsync for the batch, no file, no thread hop of its own."""
         now = utcnow()
         batch = RelayBatch()
         for index, copy in enumerate(copies, start=first):
@@ -165,9 +165,9 @@ class Relay:
             content = copy.extra + raw
             # DKIM (``sign:``) on a worker thread: RSA is slow.
             signature = await asyncio.to_thread(self._signature, content) if self.destinations.sign else b""
-            path = self.outbox_root / f"{copy_id}.eml"
-            batch.files.append((path, trace + signature + content))
-            batch.rows.append((OutboxEntry(copy_id, copy_id, mail_from, copy.rcpt, path), copy.domain, copy.deadline))
+            entry = OutboxEntry(copy_id, copy_id, mail_from, copy.rcpt, self.outbox_root / f"{copy_id}.eml",
+                                content=trace + signature + content)
+            batch.rows.append((entry, copy.domain, copy.deadline))
         return batch
 
     def _signature(self, content: bytes) -> bytes:

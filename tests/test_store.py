@@ -117,3 +117,25 @@ def test_a_batch_never_writes_over_a_file_already_there(tmp_path: Path) -> None:
     assert isinstance(errors[0], FileExistsError) and errors[1] is None
     assert (taken.read_bytes(), free.read_bytes()) == (b"the first mail", b"a third mail")
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+async def test_relayed_copies_are_kept_in_the_store_with_their_rows(tmp_path: Path) -> None:
+    """A relayed copy is stored in its rows' transaction (no file); one queued before that (a file)
+    has no stored content, and is read from its path."""
+    from datetime import timedelta
+
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        deadline = utcnow() + timedelta(minutes=15)
+        kept = OutboxEntry("r1", "r1", "a@a.example", "b@b.example", tmp_path / "r1.eml",
+                           content=b"Received: x\r\n\r\nhi")
+        old = OutboxEntry("r2", "r2", "a@a.example", "b@b.example", tmp_path / "r2.eml")
+        await store.add_messages([], relayed=[(kept, "b.example", deadline), (old, "b.example", deadline)])
+        assert await store.relay_content("r1") == b"Received: x\r\n\r\nhi"
+        assert await store.relay_content("r2") is None
+        assert not (tmp_path / "r1.eml").exists()
+        [(row, destination)] = [q for q in await store.outbox_queue() if q[0].id == "r1"]
+        assert (destination, row.deadline is not None) == ("b.example", True)
+    finally:
+        await store.close()
