@@ -58,8 +58,10 @@ class Recording:
 
 
 def sim_recordings(config: Config) -> Path:
-    """Where the built-in simulator's Record() writes voice messages."""
-    return config.data_dir / "sim-recordings"
+    """Where the built-in simulator's Record() writes voice messages: an absolute path, as
+    Asterisk names its recordings (a relative data_dir, the default ``var``, would otherwise give
+    the PBX's variable a relative path, which the gateway rightly refuses to read)."""
+    return (config.data_dir / "sim-recordings").absolute()
 
 
 def allowed_places(config: Config) -> tuple[str, ...]:

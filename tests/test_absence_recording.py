@@ -11,6 +11,7 @@ import io
 import threading
 import wave
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +60,21 @@ async def test_voice_message_left_on_the_simulator_is_attached_byte_for_byte(
         [attachment] = list(message.iter_attachments())
         assert attachment.get_content_type() == "audio/wav"
         assert attachment.get_filename().startswith("voice-message-") and attachment.get_filename().endswith(".wav")
+        assert attachment.get_content() == audio
+
+
+async def test_voice_message_is_attached_with_a_relative_data_dir_as_make_serve_uses(
+        make_config: Callable[..., Config], sink: Sink, tmp_path: Path, monkeypatch) -> None:
+    """``make serve`` runs with ``data_dir: var``: the simulator still names its recording by an
+    absolute path, as Asterisk does, so the gateway may read and attach it."""
+    audio = voice_message(tmp_path / "hello.wav")
+    monkeypatch.chdir(tmp_path)
+    config = replace(absence_config(make_config, tmp_path), data_dir=Path("var"))
+    async with running_gateway(config, sink) as gw:
+        call_id = await missed_call(gw, tmp_path, message=tmp_path / "hello.wav")
+        assert await gw.store.recording_of(call_id) == str(tmp_path / "var" / "sim-recordings" / call_id)
+        _, _, message = await sink.next()
+        [attachment] = list(message.iter_attachments())
         assert attachment.get_content() == audio
 
 
