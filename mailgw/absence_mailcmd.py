@@ -51,7 +51,7 @@ class AbsenceCommand:
 def command_words(message: Message) -> list[str] | None:
     """The words of the first non-empty text line, NFKC- and case-folded; None when the mail is
     automatic or has no text."""
-    if (message.get("Auto-Submitted") or "no").strip().lower() != "no":
+    if str(message.get("Auto-Submitted") or "no").strip().lower() != "no":  # compat32: maybe a Header
         return None
     text = text_body(message)
     if text is None:

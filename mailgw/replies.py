@@ -90,7 +90,7 @@ def body_text(message: Message) -> str:
 def is_automatic(message: Message, mail_from: str) -> bool:
     if not mail_from:
         return True  # bounces and other notifications come from the null sender
-    auto = (message.get("Auto-Submitted") or "no").strip().lower()
+    auto = str(message.get("Auto-Submitted") or "no").strip().lower()  # compat32: a Header for 8-bit bytes
     return auto != "no" or message.get_content_type() == "multipart/report" or message.get("X-CTI-Outcome") is not None
 
 

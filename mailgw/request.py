@@ -606,7 +606,7 @@ def text_body(message: Message) -> str | None:
         return None
     try:
         return data.decode(_CODECS.get(charset := _charset_param(body[1]) or "utf-8", charset), errors="replace")
-    except LookupError:
+    except (LookupError, ValueError):  # unknown, or a codec such as idna that takes no "replace"
         return data.decode("utf-8", errors="replace")
 
 

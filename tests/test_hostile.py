@@ -87,3 +87,22 @@ async def test_a_burst_over_the_sender_rate_is_refused(gateway: Gateway, sink: S
              for i in range(limit + 3)]
     assert codes == [250] * limit + [550] * 3
     assert len(await gateway.store.audit_entries()) == 3
+
+
+ODD_BUT_READABLE = {
+    # compat32 hands back a Header object, not a string, for a header with raw 8-bit bytes
+    "auto-submitted-8bit": b"Auto-Submitted: n\xe9\r\nContent-Type: text/plain; charset=utf-8\r\n",
+    # a codec that exists but takes no errors="replace" (the mail-command hooks read leniently)
+    "charset-idna": b"Content-Type: text/plain; charset=idna\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_BUT_READABLE))
+async def test_odd_but_readable_mail_to_the_service_mailbox_is_a_request_not_a_451(gateway: Gateway,
+                                                                                     name: str) -> None:
+    raw = (b"From: alice@a.example\r\nTo: cti@a.example\r\nSubject: call\r\nMIME-Version: 1.0\r\n"
+           + ODD_BUT_READABLE[name] + b"\r\nto: 2001\r\ndry-run: yes\r\n")
+    reply = await submit(gateway.smtp_port, raw, mail_from="alice@a.example", rcpt_to=["cti@a.example"])
+    assert reply.code == 250, reply
+    row = await gateway.store.get_message(reply.queue_id)
+    assert row is not None and row.kind == "request" and row.request["to_number"] == "2001"
