@@ -1,10 +1,10 @@
 """Relaying to peer gateways: what is relayed, the hop header, loops, and the bounce.
 
 A mail for another office (a domain in the destination DB, or any domain by MX when
-``relay.mx`` is on) is written to the outbox with only headers prepended (``Received:``, and the
-caller's converted number), so its parts and any DKIM signature stay intact byte for byte, and
-recorded with its destination and its deadline (the request's monitor time) in the same
-transaction as the rest of the mail, before ingress answers 250. The outbox worker
+``relay.mx`` is on) is queued in the outbox with only headers prepended (``Received:``, and the
+caller's converted number), so its parts and any DKIM signature stay intact byte for byte: the
+copy itself, its destination and its deadline (the request's monitor time) are stored in the
+same transaction as the rest of the mail, before ingress answers 250. The outbox worker
 (``outbound.py``) delivers it to the peer with STARTTLS/TLS and SMTP AUTH, retrying with doubling
 back-off from ``relay.retry_interval`` up to ``relay.max_retry_interval``; past the deadline, or
 on a permanent refusal, the sender gets an RFC 3464 delivery status notification with the RFC
