@@ -96,7 +96,10 @@ class AbsenceMailer:
         location = await self.store.recording_of(call.id)
         recording = await read_recording(location, self.config) if location else None
         callbacks = await self.store.callbacks_of([h.id for h in history])
-        message = self.compose(notice, call, customer, history, recording, callbacks)
+        if recording is not None and recording.attached:  # base64 of up to 5 MB: off the loop
+            message = await asyncio.to_thread(self.compose, notice, call, customer, history, recording, callbacks)
+        else:
+            message = self.compose(notice, call, customer, history, recording, callbacks)
         entry = await self.outbox.prepare(message, rcpt_to=notice.recipient, request_id=None)
         await self.store.notice_queued([notice], entry)
         self.outbox.wake()
@@ -132,7 +135,9 @@ class AbsenceMailer:
             log.error("template absence_digest.%s.txt failed (%s); using the built-in wording", language, exc)
             subject = f"Missed calls: {len(entries)}"
             body = "".join(f"{e['started_at']}  {e['who']}  {e['tel']}\n" for e in entries)
-        message = notice_mail(self.config, first.recipient, subject, body, attachments=attachments)
+        message = await asyncio.to_thread(notice_mail, self.config, first.recipient, subject, body,
+                                          attachments=attachments) if attachments else \
+            notice_mail(self.config, first.recipient, subject, body)
         message["X-CTI-Calls"] = ", ".join(e["call_id"] for e in entries)
         entry = await self.outbox.prepare(message, rcpt_to=first.recipient, request_id=None)
         await self.store.notice_queued(notices, entry)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,7 +33,8 @@ CONTENT_TYPES = {
     ".gsm": "audio/x-gsm", ".ulaw": "audio/basic", ".ul": "audio/basic", ".alaw": "audio/x-alaw-basic",
     ".g722": "audio/G722", ".sln": "application/octet-stream",
 }
-FETCH_TIMEOUT = 10.0
+FETCH_TIMEOUT = 10.0   # seconds per network operation
+FETCH_DEADLINE = 30.0  # seconds for the whole body: a server dripping bytes must not hold the mailer
 
 
 @dataclass(frozen=True)
@@ -100,16 +103,61 @@ def _read(location: str, places: tuple[str, ...], limit: int) -> Recording:
     suffix = found.suffix if found.suffix in CONTENT_TYPES else ".wav"
     content_type = CONTENT_TYPES.get(found.suffix, "application/octet-stream")
     try:
-        with open(real, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size > limit:
-                return Recording(location, "too_big", size=size, suffix=suffix)
+        # Not following a symlink swapped in after the check, and not blocking on a FIFO: someone
+        # who may write into an allowed place must not make the mailer read elsewhere or hang.
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as file:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                return Recording(location, "refused", reason="not a regular file")
+            if not _opened_inside(fd, directories):
+                return Recording(location, "refused", reason="not in a place absence.recordings allows")
+            if status.st_size > limit:
+                return Recording(location, "too_big", size=status.st_size, suffix=suffix)
             data = file.read(limit + 1)
     except OSError as exc:
         return Recording(location, "unreadable", reason=exc.strerror or str(exc))
     if len(data) > limit:  # it grew while being read
         return Recording(location, "too_big", size=len(data), suffix=suffix)
     return Recording(location, "attached", data=data, content_type=content_type, suffix=suffix, size=len(data))
+
+
+def _opened_inside(fd: int, directories: list[Path]) -> bool:
+    """Whether the open file really is in one of ``directories`` (a folder on its path may have
+    been swapped for a symlink after the check); where /proc is missing, the check above stands."""
+    try:
+        opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return True
+    return any(opened.is_relative_to(d) for d in directories)
+
+
+def _allowed_url(url: str, places: tuple[str, ...]) -> bool:
+    """``url`` is under one of the http(s) ``places``: the same scheme, host and port, and a path
+    below the place's path at a ``/`` boundary, with no ``..`` (also percent-encoded) on the way."""
+    try:
+        target = urllib.parse.urlsplit(url)
+        target_port = target.port
+    except ValueError:
+        return False
+    path = urllib.parse.unquote(target.path)
+    if ".." in path.split("/") or "\\" in path:
+        return False
+    for place in places:
+        if not place.startswith(("http://", "https://")):
+            continue
+        allowed = urllib.parse.urlsplit(place)
+        try:
+            allowed_port = allowed.port
+        except ValueError:
+            continue
+        default = 443 if allowed.scheme == "https" else 80
+        prefix = allowed.path if allowed.path.endswith("/") else allowed.path + "/"
+        if (target.scheme == allowed.scheme and (target.hostname or "") == (allowed.hostname or "")
+                and (target_port or default) == (allowed_port or default)
+                and (path + "/").startswith(prefix)):
+            return True
+    return False
 
 
 def _existing(path: Path) -> Path | None:
@@ -123,6 +171,21 @@ def _existing(path: Path) -> Path | None:
     return None
 
 
+def _read_within(response: Any, limit: int, deadline: float) -> bytes:
+    """Up to ``limit`` bytes of the body, or TimeoutError once ``deadline`` has passed."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the recording took longer than {FETCH_DEADLINE:.0f} s to fetch")
+        chunk = response.read(min(65536, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A redirect could lead anywhere; the URL must be in an allowed place itself."""
 
@@ -132,7 +195,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def _fetch(url: str, places: tuple[str, ...], limit: int) -> Recording:
     where = shown(url)
-    if not any(url.startswith(p) or where.startswith(p) for p in places if p.startswith(("http://", "https://"))):
+    if not _allowed_url(url, places):
         return Recording(where, "refused", reason="not in a place absence.recordings allows")
     suffix = Path(urllib.parse.urlsplit(url).path).suffix
     opener = urllib.request.build_opener(_NoRedirect)
@@ -141,7 +204,7 @@ def _fetch(url: str, places: tuple[str, ...], limit: int) -> Recording:
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > limit:
                 return Recording(where, "too_big", size=int(length))
-            data = response.read(limit + 1)
+            data = _read_within(response, limit + 1, time.monotonic() + FETCH_DEADLINE)
             header_type = response.headers.get_content_type()
     except urllib.error.HTTPError as exc:
         return Recording(where, "unreadable", reason=f"HTTP {exc.code} {exc.reason}")

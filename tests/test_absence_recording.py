@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import http.server
 import io
+import os
 import threading
 import wave
 from collections.abc import Iterator
@@ -15,6 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
+from mailgw.absence_recording import _allowed_url, _read
 from mailgw.cli import main
 from mailgw.config import Config
 from mailgw.gateway import Gateway
@@ -189,3 +193,31 @@ async def test_digest_attaches_each_calls_voice_message(make_config: Callable[..
         assert set(digest["X-CTI-Calls"].split(", ")) == {first, second}
         assert sorted(a.get_content() for a in digest.iter_attachments()) == sorted([first_audio, second_audio])
         assert digest.get_body(("plain",)).get_content().count("voice message attached: voice-message-") == 2
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://pbx/vm/1.wav", True),
+    ("https://user:secret@pbx/vm/1.wav", True),          # credentials for the PBX's web server
+    ("https://pbx:443/vm/1.wav", True),
+    ("https://pbx.attacker.example/vm/1.wav", False),    # a longer host with the same start
+    ("https://pbx/vmx/1.wav", False),                    # the place is a folder, not a prefix
+    ("https://pbx/vm/../admin/secrets", False),
+    ("https://pbx/vm/%2e%2e/admin/secrets", False),
+    ("http://pbx/vm/1.wav", False),                      # another scheme
+    ("https://pbx:8443/vm/1.wav", False),                # another port
+    ("https://pbx:notaport/vm/1.wav", False),
+])
+def test_a_recording_url_must_be_under_an_allowed_place(url: str, allowed: bool) -> None:
+    assert _allowed_url(url, ("/var/spool/asterisk", "https://pbx/vm")) is allowed
+
+
+def test_a_fifo_or_a_symlink_out_of_an_allowed_place_is_not_read(tmp_path: Path) -> None:
+    place = tmp_path / "recordings"
+    place.mkdir()
+    os.mkfifo(place / "fifo.wav")  # opening it for reading would block the mailer for ever
+    assert _read(str(place / "fifo.wav"), (str(place),), 1024).state in ("unreadable", "refused")  # returns
+    (tmp_path / "directory.yaml").write_text("secret")
+    (place / "link.wav").symlink_to(tmp_path / "directory.yaml")
+    assert _read(str(place / "link.wav"), (str(place),), 1024).state == "refused"
+    (place / "ok.wav").write_bytes(b"RIFF")
+    assert _read(str(place / "ok"), (str(place),), 1024).data == b"RIFF"  # Record() names it without .wav
