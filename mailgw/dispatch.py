@@ -115,7 +115,7 @@ class Dispatcher:
             log.exception("entry %s: unexpected error; left queued", message_id)
 
     async def _deliver_mail(self, row: MessageRow) -> None:
-        raw = await asyncio.to_thread(row.spool_path.read_bytes)
+        raw = await self.store.raw_message(row)
         token = mdn.token_of(row.rcpt_to, self.config.sender_address)
         if token is not None:
             await self._take_receipt(row, token, raw)
@@ -249,7 +249,7 @@ class Dispatcher:
         if row.state == MessageState.AWAITING_READ and row.detail:  # resumed after a restart
             self._watch(row.id, row.rcpt_to, account, row.detail, deadline)
             return
-        raw = await asyncio.to_thread(row.spool_path.read_bytes)
+        raw = await self.store.raw_message(row)
         note = on_read_header(request, self.notifier)
         marked = f"X-CTI-On-Read: {note}\r\n".encode("utf-8") + raw
         forward = None

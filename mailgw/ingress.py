@@ -2,7 +2,7 @@
 
 Like aiosmtpd's handler hooks, protocol and policy are kept apart: ``IngressHandler`` decides per
 command (RCPT: is the recipient ours? DATA: is the request understandable and allowed?) and only
-answers ``250`` after the raw message is fsynced in the spool and its rows are committed. Every
+answers ``250`` after the raw message and its rows are committed (one transaction, fsynced). Every
 refusal is an SMTP reply with an RFC 3463 enhanced status code whose text names the problem.
 """
 
@@ -131,10 +131,10 @@ class IngressHandler:
             batch = await self.relay.write(raw, relayed, queue_id=queue_id, first=len(requests) + 1,
                                            count=count, mail_from=mail_from, session=session) \
                 if relayed and self.relay is not None else RelayBatch()
-            # The raw mail (and each relayed copy) goes to disk inside the store's group commit:
-            # fsynced, with its folder, before the rows that name it are committed; 250 after both.
+            # The raw mail (and each relayed copy) is committed with the rows that name it, in the
+            # store's group commit; 250 after that.
             spooled = [(self.spool.path_for(queue_id), raw)] if entries else []
-            stored = await self.store.add_messages(entries, relayed=batch.rows, files=spooled)
+            stored = await self.store.add_messages(entries, relayed=batch.rows, contents=spooled)
         except Exception:  # disk full, database locked, ...: the sender's MTA will try again
             log.exception("could not store message %s", queue_id)
             return ascii_reply(TEMPORARY_FAILURE)

@@ -25,7 +25,6 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Union
 
 from . import media
@@ -327,9 +326,9 @@ class _Run:
                 if isinstance(part, str):  # checked at DATA; only limits changed since can get here
                     raise media.MediaError(f"{step.action.part.written}: {part}")
                 wanted[(part.index, isinstance(step.action, Play))] = part
+        raw = await self.runner.store.raw_message(self.row) if wanted else b""
         for (index, voice), part in sorted(wanted.items()):
-            self.prepared[(index, voice)] = await asyncio.to_thread(_convert, self.row.spool_path, part, self.row.id,
-                                                                    voice, self.config)
+            self.prepared[(index, voice)] = await asyncio.to_thread(_convert, raw, part, self.row.id, voice, self.config)
 
     def media_for(self, action: Play | Fax) -> Prepared:
         part = resolve_part(action.part, self.request.parts)
@@ -449,8 +448,7 @@ class ScenarioRunner:
             future.set_result(answer)
 
 
-def _convert(spool_path: Path, part: Part, request_id: str, voice: bool, config: Config) -> Prepared:
-    raw = spool_path.read_bytes()
+def _convert(raw: bytes, part: Part, request_id: str, voice: bool, config: Config) -> Prepared:
     data = media.part_bytes(raw, part)
     limits = media.MediaLimits.of(config.media)
     name = f"{request_id}-part{part.index}"

@@ -58,6 +58,15 @@ CREATE TABLE IF NOT EXISTS rings (
 );
 CREATE INDEX IF NOT EXISTS rings_number ON rings(number, at);
 
+-- The raw mail as received, in the same transaction as its rows (one WAL fsync for a whole group
+-- commit instead of a file's fsync, rename and folder fsync per mail); one row per DATA, shared by
+-- its recipients' entries through spool_path. Mail stored before this table existed is the file
+-- at messages.spool_path.
+CREATE TABLE IF NOT EXISTS mail_content (
+    spool_path TEXT PRIMARY KEY,
+    content    BLOB NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS audit (
     at      TEXT NOT NULL,
     peer    TEXT NOT NULL,                 -- client IP address
@@ -354,13 +363,16 @@ class Store:
 
     async def add_messages(self, messages: list[NewMessage],
                            relayed: Iterable[tuple[OutboxEntry, str, datetime]] = (),
-                           files: Files = ()) -> list[MessageRow]:
+                           files: Files = (), contents: Files = ()) -> list[MessageRow]:
         """Record accepted messages durably (with their 'received' stage), and the copies relayed
-        to other offices (outbox entry, peer domain, deadline), all or nothing. ``files`` (the
-        raw mail in the spool) are fsynced first, in the same group commit and thread hop.
+        to other offices (outbox entry, peer domain, deadline), all or nothing. ``contents`` (the
+        raw mail, by the spool path its entries name) go into the same transaction (``raw_message``
+        reads them); ``files`` are fsynced first, in the same group commit and thread hop.
         Returns the rows as ``get_message`` would read them back."""
         now = _ts(utcnow())
         statements: list[tuple[str, tuple[Any, ...]]] = _relay_inserts(relayed)
+        statements += [("INSERT INTO mail_content (spool_path, content) VALUES (?,?)", (str(path), content))
+                       for path, content in contents]
         for m in messages:
             statements.append((
                 "INSERT INTO messages (id, received_at, mail_from, rcpt_to, spool_path, size, kind, state,"
@@ -376,6 +388,15 @@ class Store:
                            spool_path=Path(str(m.spool_path)), size=m.size, kind=m.kind, state=MessageState.QUEUED,
                            sender=m.sender, request=m.request, outcome=None, status=None, detail=None,
                            not_before=None) for m in messages]
+
+    async def raw_message(self, row: MessageRow) -> bytes:
+        """The mail an entry was made from, as received: kept in the store, or (stored by an
+        older version) the file at its spool path. OSError when neither is there."""
+        rows = await self._read(self._query, "SELECT content FROM mail_content WHERE spool_path = ?",
+                                (str(row.spool_path),))
+        if rows:
+            return bytes(rows[0][0])
+        return await asyncio.to_thread(row.spool_path.read_bytes)
 
     async def get_message(self, message_id: str) -> MessageRow | None:
         rows = await self._read(self._query, "SELECT * FROM messages WHERE id = ?", (message_id,))
@@ -517,7 +538,8 @@ class Store:
 
     async def outbox_sent(self, row: OutboxRow) -> None:
         statements: Statements = [("UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL"
-                                   " WHERE id = ?", (row.id,))]
+                                   " WHERE id = ?", (row.id,)),
+                                  ("DELETE FROM relay_content WHERE id = ?", (row.id,))]  # sent: not needed again
         if row.request_id:
             statements.append(("INSERT INTO stages VALUES (?,?,?,?)",
                                (row.request_id, _ts(utcnow()), "relayed" if row.deadline else "notified",

@@ -201,7 +201,7 @@ async def test_request_for_a_person_at_the_other_office_is_relayed_executed_ther
 
         # The relayed copy is the mail as sent, below one Received line of each hop's making.
         original = request_mail("alice@a.example", "bob@b.example", "action: connect\n")
-        relayed = b.spool.path_for(executed.id.split(".")[0]).read_bytes()
+        relayed = await b.store.raw_message(executed)
         assert relayed.startswith(b"Received: from ")
         assert relayed.count(b"\nReceived: ") + relayed.startswith(b"Received: ") == 1
         assert b"X-Mailgw-Caller-Number: 0355552000\r\n" in relayed
@@ -233,7 +233,7 @@ async def test_binary_parts_arrive_byte_for_byte(federation: Federation) -> None
         reply = await submit(a.smtp_port, raw, mail_from="alice@a.example", rcpt_to=["bob@b.example"])
         assert reply.code == 250, reply
         stored = await wait_message(b.store, lambda m: m.rcpt_to == "bob@b.example")
-        relayed = b.spool.path_for(stored.id).read_bytes()
+        relayed = await b.store.raw_message(stored)
         assert relayed.endswith(raw)
         got = email.message_from_bytes(relayed, policy=email.policy.default)
         assert [p.get_content() for p in got.iter_attachments()] == [payload]
@@ -397,7 +397,7 @@ async def relay_a_request_and_run_it(a: Gateway, b: Gateway) -> bytes:
     executed = await wait_message(b.store, lambda m: m.rcpt_to == "bob@b.example")
     assert executed.outcome == "answered"
     assert [(c.from_number, c.to_number) for c in placed_calls(b)] == [("0355552000", "2001")]
-    return b.spool.path_for(executed.id).read_bytes()
+    return await b.store.raw_message(executed)
 
 
 async def test_peer_proven_by_dkim_alone(federation: Federation, a_dkim_key: tuple[bytes, str]) -> None:

@@ -139,3 +139,24 @@ async def test_relayed_copies_are_kept_in_the_store_with_their_rows(tmp_path: Pa
         assert (destination, row.deadline is not None) == ("b.example", True)
     finally:
         await store.close()
+
+
+async def test_received_mail_is_kept_in_the_store_and_older_spool_files_still_read(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        new = NewMessage("q1", "a@x.example", "b@a.example", spool.path_for("q1"), 7, "mail", "a@x.example", None)
+        old = NewMessage("q0", "a@x.example", "b@a.example", spool.path_for("q0"), 7, "mail", "a@x.example", None)
+        await store.add_messages([new], contents=[(spool.path_for("q1"), b"mail q1")])
+        await store.add_messages([old], files=[(spool.path_for("q0"), b"mail q0")])  # as an older version did
+        assert not spool.path_for("q1").exists()  # no file: the row's transaction holds the mail
+    finally:
+        await store.close()
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        rows = {row.id: row for row in await store.unfinished_messages()}
+        assert [await store.raw_message(rows[i]) for i in ("q0", "q1")] == [b"mail q0", b"mail q1"]
+    finally:
+        await store.close()
