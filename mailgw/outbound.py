@@ -130,7 +130,7 @@ class Outbox:
         try:
             while not self._stopping:
                 self._wake.clear()
-                due, next_try = await self.store.due_outbox(utcnow())
+                due, next_try = await self.store.due_outbox(utcnow(), skip=self._in_flight)
                 self._dispatch(due)
                 self._sessions.close_idle(SESSION_IDLE)
                 now = utcnow()

@@ -13,7 +13,7 @@ import asyncio
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -528,10 +528,14 @@ class Store:
                                (MessageState.AWAITING_READ, link))
         return _message(rows[0]) if rows else None
 
-    async def due_outbox(self, now: datetime, limit: int = 200) -> tuple[list[OutboxRow], datetime | None]:
-        """Queued mail due by ``now`` (at most ``limit``), and when the next one after them is due."""
+    async def due_outbox(self, now: datetime, limit: int = 200,
+                         skip: Collection[str] = ()) -> tuple[list[OutboxRow], datetime | None]:
+        """Queued mail due by ``now`` (at most ``limit``), and when the next one after them is due.
+        ``skip``: ids already under way, left out so that a backlog of them does not fill the
+        limit and hold back mail for other recipients."""
         rows = [_outbox(r) for r in await self._read(
-            self._query, f"{OUTBOX_SELECT} WHERE state = 'queued' ORDER BY next_try, id LIMIT ?", (limit + 1,))]
+            self._query, f"{OUTBOX_SELECT} WHERE state = 'queued' AND id NOT IN (SELECT value FROM json_each(?))"
+                         " ORDER BY next_try, id LIMIT ?", (json.dumps(list(skip)), limit + 1))]
         due = [r for r in rows[:limit] if r.next_try <= now]
         rest = rows[len(due):]
         return due, rest[0].next_try if rest else None

@@ -38,6 +38,7 @@ async def test_messages_calls_and_notifications_survive_reopening(tmp_path: Path
         [queued], later = await store.due_outbox(utcnow())
         assert later is None
         assert (queued.id, queued.rcpt_to, queued.request_id) == ("o1", "a@x.example", "q1")
+        assert await store.due_outbox(utcnow(), skip={"o1"}) == ([], None)  # under way: not read again
         assert [s for _, s, _ in await store.stages("q1")] == ["received", "outcome", "mail-queued"]
         by_sender, by_number = await store.recent_counts(["a@x.example"], ["2001"], utcnow())
         assert by_sender == {"a@x.example": 1} and by_number == {"2001": (0, 0)}  # its request has no to_number
