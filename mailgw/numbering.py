@@ -131,9 +131,14 @@ def _starts_with_international_prefix(number: str, region: str) -> bool:
     return bool(prefix) and re.match(f"(?:{prefix})", number) is not None
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters (CR, LF, ...) written as escapes: safe in a reply line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def show(text: str, limit: int = 40) -> str:
     """A value from a mail, quoted for a reply or log line: shortened, control characters made visible."""
-    cleaned = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    cleaned = printable(text)
     if len(cleaned) > limit:
         cleaned = cleaned[: limit - 1] + "…"
     return f"'{cleaned}'"

@@ -91,7 +91,7 @@ from pytimeparse2 import parse as parse_duration
 
 from .config import Config
 from .directory import Directory, Person, normalise_address
-from .numbering import DIAL_STRING, Network, classify, normalise_number, show
+from .numbering import DIAL_STRING, Network, classify, normalise_number, printable, show
 from .policy import check_number
 from .status import Refused, field_error
 
@@ -646,8 +646,8 @@ def _check_structure(structure: _Structure) -> None:
 
 def _part_label(index: int, entity: Message) -> str:
     charset = _charset_param(entity)
-    suffix = f"; charset={charset}" if charset else ""
-    return f"part {index} ({entity.get_content_type()}{suffix})"
+    suffix = f"; charset={printable(charset)}" if charset else ""  # a folded parameter may hold CR LF
+    return f"part {index} ({printable(entity.get_content_type())}{suffix})"
 
 
 def _charset_param(entity: Message) -> str | None:

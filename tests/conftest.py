@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import os
 from dataclasses import dataclass, replace
 from email.message import EmailMessage
 from pathlib import Path
@@ -16,12 +17,18 @@ import aiosmtplib
 import pytest
 import yaml
 from aiosmtpd.smtp import SMTP
+from hypothesis import settings
 
 from mailgw.config import Config, HostPort, load_config
 from mailgw.gateway import Gateway
 from mailgw.mailbox import list_mail
 from mailgw.pbx.simulator import AmiSimulator, CallRecord
 from mailgw.store import Store
+
+# CI (.ci/run) replays the same generated examples every run, so a red build is reproducible;
+# by hand each run tries new ones (and .hypothesis/ replays any that failed).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TIME_SCALE = 0.02  # simulated phones act 50x faster: "answers after 2 s" takes 40 ms
 

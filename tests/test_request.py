@@ -917,6 +917,18 @@ _VALID = to_bytes(with_yaml(
     "scenario:\n  steps: [{play: voice}, connect]\npriority: express\n"))
 
 
+def test_a_charset_folded_over_two_lines_is_named_on_one_reply_line():
+    """Found by the mutation test: a quoted charset parameter that spans a folded header line put
+    CR LF into the refusal (an SMTP reply must be one line)."""
+    raw = (b"From: alice@a.example\r\nTo: cti@a.example\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+           b'Content-Type: text/plain; charset="x\r\n  y"\r\n\r\nto: 2001\r\n')
+    with pytest.raises(Refused) as refused:
+        parse_request(raw, mail_from="alice@a.example", rcpt_to="cti@a.example", directory=PEOPLE, config=CONFIG,
+                      now=NOW)
+    assert refused.value.reply.text.startswith("part 1 (text/plain; charset=x\\r\\n  y): unknown charset")
+    check_any_outcome(raw, "cti@a.example")
+
+
 def test_the_mutation_seed_is_a_valid_request():
     assert parse(_VALID, rcpt="cti@a.example").priority == Priority.EXPRESS
 
