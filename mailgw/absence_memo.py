@@ -145,7 +145,10 @@ async def parse_memo_mail(message: Message, *, mail_from: str, to_gateway: bool,
         row = await prepare_memo(store, config, directory, call, memo.phrases, memo.text, person.name)
     except ValueError as exc:
         raise Refused(550, "5.6.0", f"memo: {exc} (write e.g. 'memo 1 3 About the invoice.')") from None
-    if await store.has_memo(call.id):
+    existing = await store.memo_of(call.id)
+    if existing == row.memo:  # the same memo again: the sender's MTA retrying after a 451 (sent once)
+        return MemoCommand(person, row)
+    if existing is not None:
         raise Refused(550, "5.6.0", f"memo: call {call.id} already has a memo")
     return MemoCommand(person, row)
 

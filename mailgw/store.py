@@ -903,10 +903,11 @@ class Store:
                                " ORDER BY created_at, call_id LIMIT ?", (limit,))  # oldest first
         return [_notice(r) for r in rows]
 
-    async def has_memo(self, call_id: str) -> bool:
-        rows = await self._read(self._query, "SELECT 1 FROM absence_notices WHERE call_id = ? AND kind = 'memo'",
+    async def memo_of(self, call_id: str) -> str | None:
+        """The memo written on a call (with who wrote it), or None."""
+        rows = await self._read(self._query, "SELECT memo FROM absence_notices WHERE call_id = ? AND kind = 'memo'",
                                (call_id,))
-        return bool(rows)
+        return rows[0][0] if rows else None
 
     async def last_answered_by(self, extension: str, since: datetime) -> "IncomingRow | None":
         """The latest incoming call ``extension`` answered that started after ``since``."""

@@ -36,6 +36,11 @@ async def test_memo_to_the_service_mailbox_goes_to_the_person_in_charge(
         assert "(taken by Bob Baker (2001))" in body
         assert [(n.kind, n.call_id, n.state) for n in await gw.store.notices()] == [("memo", call_id, "queued")]
 
+        # The same memo again (an MTA retrying after a 451 it got once the memo was stored) is
+        # taken, and not sent a second time; a different one is refused.
+        resent = await submit(gw.smtp_port, request_mail("bob@b.example", "cti@a.example", memo, subject="memo"))
+        assert resent.code == 250, resent
+        assert [(n.kind, n.call_id) for n in await gw.store.notices()] == [("memo", call_id)]
         again = await submit(gw.smtp_port, request_mail("bob@b.example", "cti@a.example", "memo 2\n"))
         assert again.code == 550 and "5.6.0" in again.text and "already has a memo" in again.text
         again = await submit(gw.smtp_port, request_mail("bob@b.example", "cti@a.example", "memo 7\n"))
