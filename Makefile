@@ -11,8 +11,11 @@ STAMP  := $(VENV)/.installed
 serve: $(STAMP)
 	$(VENV)/bin/mailgw serve $(ARGS)
 
+# The property-based tests replay the same generated examples every run (a red build can be
+# reproduced); `make test HYPOTHESIS_PROFILE=default` tries new ones each run.
+HYPOTHESIS_PROFILE ?= ci
 test: $(STAMP) system-packages
-	$(VENV)/bin/pytest $(ARGS)
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(VENV)/bin/pytest $(ARGS)
 
 # The tests start their own Dovecot (tests/dovecot.py) on a loopback port; only the binary is
 # needed. Installed once, as root or through sudo; nothing is started or enabled system-wide.

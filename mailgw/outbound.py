@@ -72,11 +72,12 @@ class Outbox:
                       mail_from: str | None = None) -> OutboxEntry:
         """Write ``message`` durably and describe it; the caller records it (maybe with other rows).
         ``mail_from`` is the envelope sender (default: the gateway's address; "" for a bounce)."""
-        outbox_id = new_id()
-        # Serialised off the loop too: a mail with a 5 MB voice message takes ~150 ms to flatten.
-        path = await asyncio.to_thread(lambda: write_durably(self.root / f"{outbox_id}.eml", message.as_bytes()))
-        return OutboxEntry(outbox_id, request_id, self.config.sender_address if mail_from is None else mail_from,
-                           rcpt_to, path)
+        def write() -> OutboxEntry:  # off the loop: a mail with a 5 MB voice message takes ~150 ms to flatten
+            entry, raw = self.compose(message, rcpt_to=rcpt_to, request_id=request_id, mail_from=mail_from)
+            write_durably(entry.path, raw)
+            return entry
+
+        return await asyncio.to_thread(write)
 
     def compose(self, message: Message, *, rcpt_to: str, request_id: str | None,
                 mail_from: str | None = None) -> tuple[OutboxEntry, bytes]:

@@ -25,8 +25,8 @@ from mailgw.mailbox import list_mail
 from mailgw.pbx.simulator import AmiSimulator, CallRecord
 from mailgw.store import Store
 
-# CI (.ci/run) replays the same generated examples every run, so a red build is reproducible;
-# by hand each run tries new ones (and .hypothesis/ replays any that failed).
+# `make test` (and so CI) replays the same generated examples every run, so a red build is
+# reproducible; HYPOTHESIS_PROFILE=default tries new ones (and .hypothesis/ replays any that failed).
 settings.register_profile("ci", derandomize=True, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
