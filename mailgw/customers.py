@@ -18,6 +18,7 @@ import csv
 import io
 import unicodedata
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class ImportResult:
     rejected: tuple[Rejected, ...]
 
 
+@lru_cache(maxsize=4096)  # every answered call and every incoming one asks; phonenumbers is slow
 def number_key(text: str | None, region: str, *, strict: bool = False) -> str | None:
     """The E.164 form of a phone number as a person or a PBX writes it, or None when it is none.
 

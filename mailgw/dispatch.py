@@ -370,12 +370,11 @@ class Dispatcher:
         if should_notify(request, result):
             mail = self.notifier.result_mail(request, result)
             notification, content = self.outbox.compose(mail, rcpt_to=request.sender, request_id=row.id)
-        # The result mail's file is written in the same group commit as the outcome, and then
-        # handed to the outbox in memory: no thread hop of its own, no read of the table or file.
+        # The result mail is stored in the same transaction as the outcome, and then handed to the
+        # outbox in memory: no file to fsync, no read of the table.
         await self.store.finish_request(row.id, MessageState.DONE if ok else MessageState.FAILED,
                                         outcome=result.outcome, status=result.status, detail=result.detail,
-                                        notification=notification, call=call,
-                                        files=[(notification.path, content)] if notification else ())
+                                        notification=notification, call=call)
         log.info("request %s outcome: %s (%s) %s", row.id, result.outcome, result.status,
                  "" if request.confidential else result.detail)
         if notification is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -286,12 +287,38 @@ def numbers_rung(request: ExchangeRequest) -> list[str]:
     return numbers
 
 
+# ``<local@domain>`` (then parameters) in MAIL FROM / RCPT TO with a plain dot-atom on both sides,
+# which is nearly every address: read without the RFC 5322 header parser aiosmtpd uses (which
+# also defines a class on every call), the same result. Anything else goes to that parser.
+_PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                         r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+([^()\s][^()]*)?)?", re.ASCII)
+
+
+def plain_path(arg: str) -> tuple[str, str] | None:
+    """(address, parameters) of a plain ``<local@domain> PARAMS`` path, None for anything else."""
+    match = _PLAIN_PATH.fullmatch(arg)
+    if match is None:
+        return None
+    return match[1], match[2] or ""
+
+
 class GatewaySMTP(SMTP):
     """aiosmtpd's protocol, with its two size refusals given RFC 3463 codes."""
 
     def __init__(self, handler: Any, *, max_message_size: int, **kwargs: Any) -> None:
         super().__init__(handler, data_size_limit=max_message_size, **kwargs)
         self._too_big = ascii_reply(Reply(552, "5.3.4", f"message too big: the limit is {max_message_size} bytes"))
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = plain_path(arg)
+        if plain is None or (self.local_part_limit and len(plain[0].rpartition("@")[0]) > self.local_part_limit):
+            # The stdlib parser trips on some paths (<0@[> raises AttributeError): answer them
+            # "553 malformed address" like any other bad path, not with a traceback.
+            try:
+                return super()._getaddr(arg)
+            except Exception:
+                return None, None
+        return plain
 
     async def push(self, status: Any) -> None:
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status

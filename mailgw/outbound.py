@@ -23,6 +23,7 @@ import logging
 import time
 from datetime import datetime, timedelta
 from email.message import Message
+from email.policy import compat32
 from pathlib import Path
 
 import aiosmtplib
@@ -49,6 +50,25 @@ class PermanentFailure(Exception):
     """The mail can never be delivered as it is (unknown local person, 5xx from the next hop)."""
 
 
+def as_bytes(message: Message) -> bytes:
+    """``message.as_bytes()`` for a compat32 mail, quicker for the simple single-part text mail
+    the gateway writes itself (a result mail: 18 instead of 490 µs). Short ASCII headers are
+    written as they are, others folded by compat32 itself; a body the generator would change
+    (non-ASCII, CR) and a multipart mail take the generator."""
+    payload = message.get_payload()
+    if (message.is_multipart() or message.get_unixfrom() is not None or not isinstance(payload, str)
+            or not payload.isascii() or "\r" in payload):
+        return message.as_bytes()
+    lines = []
+    for name, value in message.items():
+        if isinstance(value, str) and value.isascii() and len(name) + len(value) <= 76 and "\n" not in value \
+                and "\r" not in value:
+            lines.append(f"{name}: {value}\n")
+        else:
+            lines.append(compat32.fold_binary(name, value).decode("ascii", "surrogateescape"))
+    return ("".join(lines) + "\n" + payload).encode("ascii", "surrogateescape")
+
+
 class Outbox:
     def __init__(self, config: Config, directory: Directory, store: Store, root: Path,
                  destinations: Destinations = Destinations()) -> None:
@@ -64,7 +84,7 @@ class Outbox:
         self._chains: dict[str, list[OutboxRow]] = {}  # recipient -> its mail waiting to be tried, in order
         self._in_flight: set[str] = set()              # in a chain, not finished
         self._attempted: dict[str, tuple[int, float]] = {}  # id -> (attempts recorded, when): stale rows
-        self._content = _Held(HELD_BYTES)              # relayed copies just stored: sent without a read
+        self._content = _Held(HELD_BYTES)              # mail just stored (relayed, results): sent without a read
         self._tasks: set[asyncio.Task[None]] = set()
         self._look_again = False  # the last look at the table left due mail for later
 
@@ -81,11 +101,13 @@ class Outbox:
 
     def compose(self, message: Message, *, rcpt_to: str, request_id: str | None,
                 mail_from: str | None = None) -> tuple[OutboxEntry, bytes]:
-        """``prepare`` without the write: the entry and its bytes. The caller stores the file in
-        the group commit of its own rows (``files=``), then hands both to ``take_stored``."""
+        """``prepare`` without the write: the entry, its bytes in ``content``, and the bytes. The
+        caller stores the entry (and so its content) with its own rows, then hands both to
+        ``take_stored``. The entry's path stays unwritten."""
         outbox_id = new_id()
+        raw = as_bytes(message)
         return (OutboxEntry(outbox_id, request_id, self.config.sender_address if mail_from is None else mail_from,
-                            rcpt_to, self.root / f"{outbox_id}.eml"), message.as_bytes())
+                            rcpt_to, self.root / f"{outbox_id}.eml", raw), raw)
 
     async def send(self, message: Message, *, rcpt_to: str, request_id: str | None,
                    mail_from: str | None = None) -> None:
@@ -108,7 +130,7 @@ class Outbox:
                           if entry.content is not None])
 
     def take_stored(self, mails: list[tuple[OutboxEntry, bytes, datetime | None]]) -> None:
-        """Mail just stored (rows committed, files fsynced): delivered at once, from memory (no
+        """Mail just stored (its rows and content committed): delivered at once, from memory (no
         look at the table, no read of the files). The table stays the truth for retries and
         restarts."""
         now = utcnow()
@@ -247,26 +269,28 @@ class Outbox:
         log.info("mail %s to %s bounced to %s (%s)", row.id, row.rcpt_to, row.mail_from, status)
 
     async def _read(self, row: OutboxRow) -> bytes:
-        """The mail of an outbox row: a relayed copy from the store, anything else from its file."""
-        content = await self.store.relay_content(row.id) if row.deadline is not None else None
+        """The mail of an outbox row: kept in the store (a relayed copy, a result mail), else its file."""
+        if row.deadline is not None:
+            content = await self.store.relay_content(row.id)
+        else:
+            content = await self.store.outbox_content(row.id)
         return content if content is not None else await asyncio.to_thread(row.path.read_bytes)
 
-    def _deliver_locally(self, path: Path, address: str) -> None:
-        mailbox.deliver(self.config.mailbox_root, address, path.read_bytes(), group=self.config.mailbox_group)
-
     async def _deliver(self, row: OutboxRow, sessions: Sessions) -> None:
-        raw = self._content.pop(row.id)  # a relayed copy just taken from ingress
+        raw = self._content.pop(row.id)  # just stored (a relayed copy, a result mail): no read
         address = normalise_address(row.rcpt_to)
         if address is None:
             raise PermanentFailure(f"not a mail address: {row.rcpt_to!r}")
         domain = address.rpartition("@")[2]
-        if self.config.is_local_domain(domain):
-            if self.directory.by_address(address) is None:
-                raise PermanentFailure(f"no mailbox here for {address}")
-            await asyncio.to_thread(self._deliver_locally, row.path, address)  # one thread hop, not two
-            return
+        local = self.config.is_local_domain(domain)
+        if local and self.directory.by_address(address) is None:
+            raise PermanentFailure(f"no mailbox here for {address}")
         if raw is None:
             raw = await self._read(row)
+        if local:
+            await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, address, raw,
+                                    group=self.config.mailbox_group)
+            return
         destination = await self._destination(domain)
         try:
             await sessions.send(raw, mail_from=row.mail_from, rcpt=address, destination=destination)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import replace
+from email.header import Header
 from email.message import EmailMessage
+from email.mime.text import MIMEText
 
 from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mailgw.config import HostPort
+from mailgw.config import Config, HostPort
 from mailgw.gateway import Gateway
-from mailgw.outbound import _Held
+from mailgw.outbound import _Held, as_bytes
 
 from .conftest import _SinkHandler, maildir_messages, request_mail, submit, wait_stage
 
@@ -23,17 +27,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_smarthost(config: Config, port: int) -> Config:
+    """Outside mail goes to a smarthost on ``port`` (none listening yet), retried quickly."""
+    return replace(config, outbound=replace(config.outbound, smarthost=HostPort("127.0.0.1", port),
+                                            retry_interval=0.05, max_retry_interval=0.2))
+
+
+async def submit_for_outside_sender(gw: Gateway) -> str:
+    """A dry-run request from outside: its result mail must go out through the smarthost."""
+    reply = await submit(gw.smtp_port, request_mail("partner@b.example", "cti@a.example",
+                                                    "to: 2001\nfrom: 03-1234-5678\ndry-run: yes\n"))
+    return reply.queue_id
+
+
 async def test_result_mail_waits_for_the_smarthost_and_is_delivered_once(make_config) -> None:
     port = free_port()
-    config = make_config()
-    config = replace(config, outbound=replace(config.outbound, smarthost=HostPort("127.0.0.1", port),
-                                              retry_interval=0.05, max_retry_interval=0.2))
-    gw = Gateway(config)
+    gw = Gateway(with_smarthost(make_config(), port))
     await gw.start()
     try:
-        reply = await submit(gw.smtp_port, request_mail("partner@b.example", "cti@a.example",
-                                                        "to: 2001\nfrom: 03-1234-5678\ndry-run: yes\n"))
-        request_id = reply.queue_id
+        request_id = await submit_for_outside_sender(gw)
         detail = await wait_stage(gw.store, request_id, "mail-deferred")  # the smarthost is down
         assert detail.startswith("to partner@b.example:")
 
@@ -51,6 +63,36 @@ async def test_result_mail_waits_for_the_smarthost_and_is_delivered_once(make_co
             sink.close()
     finally:
         await gw.stop()
+
+
+async def test_a_queued_result_mail_is_kept_in_the_store_and_sent_after_a_restart(make_config) -> None:
+    port = free_port()
+    config = with_smarthost(make_config(), port)
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        request_id = await submit_for_outside_sender(gw)
+        await wait_stage(gw.store, request_id, "mail-deferred")
+        [row] = await gw.store.outbox_for(request_id)
+        # No file of its own: the mail is a row, committed with the request's outcome.
+        assert not row.path.exists()
+        assert b"X-CTI-Request: " + request_id.encode() in await gw.store.outbox_content(row.id)
+    finally:
+        await gw.stop()
+
+    received: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    sink = await loop.create_server(lambda: SMTP(_SinkHandler(received), loop=loop), "127.0.0.1", port)
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        await wait_stage(gw.store, request_id, "notified")
+        _, rcpts, mail = await asyncio.wait_for(received.get(), 5)
+        assert rcpts == ["partner@b.example"] and mail["X-CTI-Request"] == request_id
+        assert await gw.store.outbox_content(row.id) is None  # sent: its content is not kept
+    finally:
+        await gw.stop()
+        sink.close()
 
 
 async def test_a_kept_session_the_smarthost_dropped_is_replaced_at_once(make_config) -> None:
@@ -134,3 +176,19 @@ async def test_a_backlog_larger_than_one_look_is_delivered_without_spinning_on_t
         assert looks < 40  # a spinning loop looks thousands of times while 260 mails go out
     finally:
         await gw.stop()
+
+
+_BODY_PIECES = st.sampled_from(["a", " ", "\n", "\r\n", "From ", ">From", "é", ".", "\t", "x" * 80, "日本"])
+_SUBJECTS = st.one_of(st.text(alphabet=st.sampled_from(list("ab \t:=?") + ["é", "日"]), max_size=90),
+                      st.just("x " * 50))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_BODY_PIECES, max_size=40).map("".join), _SUBJECTS, st.integers(50, 100))
+def test_a_result_mail_is_written_as_the_email_package_writes_it(body: str, subject: str, width: int) -> None:
+    message = MIMEText(body, "plain", "us-ascii" if body.isascii() else "utf-8")
+    message["From"] = "mailgw <mailgw@a.example>"
+    message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
+    message["X-Long"] = "y" * width
+    message["In-Reply-To"] = "<bench-1234-4294967295@bench.example>"
+    assert as_bytes(message) == message.as_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 
 from mailgw import mailbox
@@ -159,5 +160,37 @@ async def test_received_mail_is_kept_in_the_store_and_older_spool_files_still_re
     try:
         rows = {row.id: row for row in await store.unfinished_messages()}
         assert [await store.raw_message(rows[i]) for i in ("q0", "q1")] == [b"mail q0", b"mail q1"]
+    finally:
+        await store.close()
+
+
+async def test_rate_counts_cover_the_last_hour_and_survive_an_upgrade(tmp_path: Path) -> None:
+    def request(i: int, sender: str, kind: str = "request", rings: tuple[str, ...] = ()) -> NewMessage:
+        return NewMessage(f"q{i}", sender, "cti@a.example", tmp_path / "x", 1, kind, sender, {}, rings)
+
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        await store.add_messages([request(1, "a@x.example", rings=("2001",)), request(2, "a@x.example"),
+                                  request(3, "a@x.example", kind="mail"), request(4, "b@x.example", rings=("2001", "2002"))])
+        now = utcnow()
+        counts = await store.recent_counts(["a@x.example", "b@x.example", "c@x.example"], ["2001", "2002", "2003"], now)
+        assert counts == ({"a@x.example": 2, "b@x.example": 1, "c@x.example": 0},
+                          {"2001": (2, 2), "2002": (1, 1), "2003": (0, 0)})
+        assert await store.recent_counts(["a@x.example"], ["2001"], now + timedelta(minutes=30)) == (
+            {"a@x.example": 2}, {"2001": (0, 2)})
+        assert await store.recent_counts(["a@x.example"], ["2001"], now + timedelta(minutes=62)) == (
+            {"a@x.example": 0}, {"2001": (0, 0)})
+    finally:
+        await store.close()
+    # A store last written by a version that kept no per-minute counts: the last hour is counted
+    # from the requests themselves when it is opened.
+    with sqlite3.connect(tmp_path / "db.sqlite3") as db:
+        db.execute("DROP TABLE sender_minutes")
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        by_sender, _ = await store.recent_counts(["a@x.example", "b@x.example"], [], utcnow())
+        assert by_sender == {"a@x.example": 2, "b@x.example": 1}
     finally:
         await store.close()
