@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
 from email.message import Message
 from email.policy import compat32
@@ -95,7 +96,7 @@ class Outbox:
         def write() -> OutboxEntry:  # off the loop: a mail with a 5 MB voice message takes ~150 ms to flatten
             entry, raw = self.compose(message, rcpt_to=rcpt_to, request_id=request_id, mail_from=mail_from)
             write_durably(entry.path, raw)
-            return entry
+            return replace(entry, content=None)  # the file is the mail: not a second copy in the store
 
         return await asyncio.to_thread(write)
 

@@ -95,6 +95,22 @@ async def test_a_queued_result_mail_is_kept_in_the_store_and_sent_after_a_restar
         sink.close()
 
 
+async def test_mail_written_to_a_file_is_not_kept_in_the_store_as_well(make_config) -> None:
+    # Outbox.prepare (bounces, absence mail with a recording of several MB) writes a file; only
+    # result mails, composed and stored with their outcome, live in the store instead.
+    gw = Gateway(make_config())
+    await gw.start()
+    try:
+        notice = MIMEText("hello\n", "plain", "us-ascii")
+        notice["Subject"] = "a notice"
+        entry = await gw.outbox.prepare(notice, rcpt_to="alice@a.example", request_id=None)
+        assert entry.path.read_bytes() == as_bytes(notice) and entry.content is None
+        await gw.store.add_outbox(entry)
+        assert await gw.store.outbox_content(entry.id) is None
+    finally:
+        await gw.stop()
+
+
 async def test_a_kept_session_the_smarthost_dropped_is_replaced_at_once(make_config) -> None:
     """The outbox keeps its SMTP session open for the next mail; when the server has closed it in
     between (its idle timeout, a restart), the next mail goes out on a new session at once instead
