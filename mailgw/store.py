@@ -21,11 +21,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from .spool import write_all_durably
 
 T = TypeVar("T")
 Statements = list[tuple[str, tuple[Any, ...]]]
-Files = Sequence[tuple[Path, bytes]]  # written durably before a transaction's rows (spooled mail)
+Contents = Sequence[tuple[Path, bytes]]  # raw mail by the spool path its rows name (mail_content)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -249,7 +248,7 @@ class Store:
         self._reading = threading.local()  # .db: the reader thread's connection
         # Called on the event loop after a stage is durably recorded: (request_id, stage, detail).
         self.stage_listeners: list[Callable[[str, str, str], None]] = []
-        self._pending: list[tuple[Statements, Files, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Statements, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._counted_minute = ""  # the minute sender_minutes was last pruned in
 
@@ -302,17 +301,16 @@ class Store:
         """On the reader thread: ``fn`` may only query (``self._query``)."""
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
-    async def _commit(self, statements: Statements, files: Files = ()) -> None:
+    async def _commit(self, statements: Statements) -> None:
         """Commit ``statements`` as one atomic transaction, durably, then tell stage listeners.
-        ``files`` are written and fsynced (with their folders) first: the rows may point at them.
 
         Group commit: transactions that arrive while a batch is being written wait for the next
-        batch and share its single fsync (and one fsync per folder for their files). Each keeps
+        batch and share its single fsync. Each keeps
         its own atomicity through a SAVEPOINT, so one failing transaction does not take the
         others with it.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((statements, files, done))
+        self._pending.append((statements, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="store-group-commit")
         await done
@@ -325,10 +323,10 @@ class Store:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                errors = await self._run(self._write_batch, [(statements, files) for statements, files, _ in batch])
+                errors = await self._run(self._write_batch, [statements for statements, _ in batch])
             except BaseException as exc:  # the COMMIT itself failed: nothing of the batch is durable
                 errors = [exc] * len(batch)
-            for (_, _, done), error in zip(batch, errors):
+            for (_, done), error in zip(batch, errors):
                 if done.done():
                     continue
                 if error is None:
@@ -336,34 +334,27 @@ class Store:
                 else:
                     done.set_exception(error)
 
-    def _write_batch(self, batch: list[tuple[Statements, Files]]) -> list[BaseException | None]:
+    def _write_batch(self, batch: list[Statements]) -> list[BaseException | None]:
         assert self._db is not None
         errors: list[BaseException | None] = [None] * len(batch)
-        # Every file durable under its name (one journal commit for all) before any row naming it.
-        owners = [index for index, (_, files) in enumerate(batch) for _ in files]
-        for owner, error in zip(owners, write_all_durably([f for _, files in batch for f in files])):
-            if error is not None and errors[owner] is None:  # disk full, ...: this caller fails, the others go on
-                errors[owner] = error
-        todo = [index for index, error in enumerate(errors) if error is None]
         # Optimistic first: the whole batch as one transaction, without a SAVEPOINT per caller.
         # Each statement hands the GIL over twice (SQLite runs without it), and under load every
         # hand-over waits for the event loop, so fewer statements make a much shorter batch. Only
         # when a statement fails is the batch rolled back and redone with savepoints.
-        if todo and self._write_transactions(batch, todo, errors, isolated=False):
+        if self._write_transactions(batch, errors, isolated=False):
             return errors
-        self._write_transactions(batch, todo, errors, isolated=True)
+        self._write_transactions(batch, errors, isolated=True)
         return errors
 
-    def _write_transactions(self, batch: list[tuple[Statements, Files]], todo: list[int],
-                            errors: list[BaseException | None], *, isolated: bool) -> bool:
-        """Run the transactions ``todo`` of ``batch`` in one COMMIT. Not ``isolated``: False (and
+    def _write_transactions(self, batch: list[Statements], errors: list[BaseException | None], *,
+                            isolated: bool) -> bool:
+        """Run the transactions of ``batch`` in one COMMIT. Not ``isolated``: False (and
         nothing written) if any statement failed. ``isolated``: each in a SAVEPOINT, a failing one
         rolled back alone and its error put in ``errors``."""
         assert self._db is not None
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for index in todo:
-                statements = batch[index][0]
+            for index, statements in enumerate(batch):
                 if not isolated:
                     for sql, params in statements:
                         self._db.execute(sql, params)
@@ -400,12 +391,11 @@ class Store:
 
     async def add_messages(self, messages: list[NewMessage],
                            relayed: Iterable[tuple[OutboxEntry, str, datetime]] = (),
-                           files: Files = (), contents: Files = ()) -> list[MessageRow]:
+                           contents: Contents = ()) -> list[MessageRow]:
         """Record accepted messages durably (with their 'received' stage), and the copies relayed
         to other offices (outbox entry, peer domain, deadline), all or nothing. ``contents`` (the
         raw mail, by the spool path its entries name) go into the same transaction (``raw_message``
-        reads them); ``files`` are fsynced first, in the same group commit and thread hop.
-        Returns the rows as ``get_message`` would read them back."""
+        reads them). Returns the rows as ``get_message`` would read them back."""
         now = _ts(utcnow())
         statements: list[tuple[str, tuple[Any, ...]]] = _relay_inserts(relayed)
         statements += [("INSERT INTO mail_content (spool_path, content) VALUES (?,?)", (str(path), content))
@@ -426,7 +416,7 @@ class Store:
             self._counted_minute = _minute(now)
             statements.append(("DELETE FROM sender_minutes WHERE minute < ?",
                                (_minute(_ts(utcnow() - timedelta(hours=2))),)))
-        await self._commit(statements, files)
+        await self._commit(statements)
         received_at = _dt(now)
         return [MessageRow(id=m.id, received_at=received_at, mail_from=m.mail_from, rcpt_to=m.rcpt_to,  # type: ignore[arg-type]
                            spool_path=Path(str(m.spool_path)), size=m.size, kind=m.kind, state=MessageState.QUEUED,

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from mailgw import mailbox
-from mailgw.spool import Spool, new_id, write_all_durably, write_durably
+from mailgw.spool import Spool, new_id, write_durably
 from mailgw.store import MessageState, NewMessage, OutboxEntry, Store, utcnow
 
 
@@ -69,31 +69,6 @@ async def test_group_commit_keeps_each_transaction_atomic(tmp_path: Path) -> Non
         await store.close()
 
 
-async def test_spooled_files_share_the_group_commit_and_fail_alone(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    spool = Spool(tmp_path / "spool")
-    (tmp_path / "not-a-folder").write_text("a file where the spool folder should be")
-    try:
-        def message(i: int, path: Path) -> NewMessage:
-            return NewMessage(f"q{i}", "a@x.example", "b@a.example", path, 5, "request", "a@x.example", {})
-        good = [(spool.path_for(f"q{i}"), f"raw {i}".encode()) for i in range(3)]
-        bad = tmp_path / "not-a-folder" / "q9.eml"
-        # Submitted together, these share one batch: the unwritable file fails its own mail only.
-        results = await asyncio.gather(
-            *(store.add_messages([message(i, path)], files=[(path, data)]) for i, (path, data) in enumerate(good)),
-            store.add_messages([message(9, bad)], files=[(bad, b"raw 9")]),
-            return_exceptions=True)
-        assert [[row.id for row in rows] for rows in results[:3]] == [["q0"], ["q1"], ["q2"]]
-        assert isinstance(results[3], OSError)
-        rows = {row.id: row for row in await store.unfinished_messages()}
-        assert sorted(rows) == ["q0", "q1", "q2"]
-        assert [rows[f"q{i}"].spool_path.read_bytes() for i in range(3)] == [b"raw 0", b"raw 1", b"raw 2"]
-        assert not list(spool.root.glob(".*.tmp"))  # written under a temporary name, then renamed
-    finally:
-        await store.close()
-
-
 def test_maildir_delivery_and_reading_marks_seen(tmp_path: Path) -> None:
     delivered = mailbox.deliver(tmp_path, "bob@a.example", b"Subject: hello\r\n\r\nhi\r\n")
     assert delivered.parent.name == "new"
@@ -109,16 +84,6 @@ def test_ids_do_not_repeat_within_a_second() -> None:
     """Three random bytes alone repeat within a second more often than not at a few thousand ids."""
     ids = [new_id() for _ in range(20000)]
     assert len(set(ids)) == len(ids)
-
-
-def test_a_batch_never_writes_over_a_file_already_there(tmp_path: Path) -> None:
-    """Another mail's file under the same name stays as it was; only the newcomer fails."""
-    taken, free = tmp_path / "taken.eml", tmp_path / "free.eml"
-    taken.write_bytes(b"the first mail")
-    errors = write_all_durably([(taken, b"a second mail"), (free, b"a third mail")])
-    assert isinstance(errors[0], FileExistsError) and errors[1] is None
-    assert (taken.read_bytes(), free.read_bytes()) == (b"the first mail", b"a third mail")
-    assert not list(tmp_path.glob(".*.tmp"))
 
 
 async def test_relayed_copies_are_kept_in_the_store_with_their_rows(tmp_path: Path) -> None:
@@ -151,7 +116,8 @@ async def test_received_mail_is_kept_in_the_store_and_older_spool_files_still_re
         new = NewMessage("q1", "a@x.example", "b@a.example", spool.path_for("q1"), 7, "mail", "a@x.example", None)
         old = NewMessage("q0", "a@x.example", "b@a.example", spool.path_for("q0"), 7, "mail", "a@x.example", None)
         await store.add_messages([new], contents=[(spool.path_for("q1"), b"mail q1")])
-        await store.add_messages([old], files=[(spool.path_for("q0"), b"mail q0")])  # as an older version did
+        write_durably(spool.path_for("q0"), b"mail q0")  # as an older version did: a spool file
+        await store.add_messages([old])
         assert not spool.path_for("q1").exists()  # no file: the row's transaction holds the mail
     finally:
         await store.close()
