@@ -45,10 +45,24 @@ def deliver(root: Path, address: str, raw: bytes, *, group: str | None = None) -
     (rename it into ``cur/``) and keep its index files beside it."""
     folder = maildir_for(root, address)
     gid = grp.getgrnam(group).gr_gid if group else None
+    name = f"{time.time_ns() // 1000}.M{secrets.token_hex(6)}P{os.getpid()}.{socket.gethostname().replace('/', '-')}"
+    if folder not in _made:  # each Maildir is checked once; every check is a few system calls
+        _make_maildir(folder, gid)
+    try:
+        return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp", gid=gid, make_dirs=False)
+    except FileNotFoundError:  # the Maildir was removed since (an admin tidying up): make it again
+        _made.discard(folder)
+        _make_maildir(folder, gid)
+        return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp", gid=gid, make_dirs=False)
+
+
+_made: set[Path] = set()  # Maildirs this process made or found whole
+
+
+def _make_maildir(folder: Path, gid: int | None) -> None:
     for directory in (folder, *(folder / sub for sub in ("tmp", "new", "cur"))):
         _make_folder(directory, gid)
-    name = f"{time.time_ns() // 1000}.M{secrets.token_hex(6)}P{os.getpid()}.{socket.gethostname().replace('/', '-')}"
-    return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp", gid=gid)
+    _made.add(folder)
 
 
 def _make_folder(directory: Path, gid: int | None) -> None:

@@ -32,12 +32,15 @@ def new_id() -> str:
     return candidate
 
 
-def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: int | None = None) -> Path:
+def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: int | None = None,
+                  make_dirs: bool = True) -> Path:
     """Write ``data`` to ``path`` so that it survives a crash once this returns. With ``gid`` the
-    file is readable and writable by that group (0660) before it appears under its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    file is readable and writable by that group (0660) before it appears under its name. Not
+    ``make_dirs``: the caller knows both folders exist (FileNotFoundError when not)."""
     tmp = (tmp_dir or path.parent) / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if make_dirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         if gid is not None:

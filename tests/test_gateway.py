@@ -8,11 +8,13 @@ that arrived in a Maildir or the SMTP sink.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from dataclasses import replace
 
 import pytest
 
 from mailgw.gateway import Gateway
+from mailgw.mailbox import maildir_for
 
 from .conftest import Sink, maildir_messages, placed_calls, request_mail, submit, wait_stage
 
@@ -153,6 +155,16 @@ async def test_ordinary_mail_to_a_person_is_delivered_not_dialled(gateway: Gatew
     await wait_stage(gateway.store, reply.queue_id, "delivered")
     assert [m["Subject"] for m in maildir_messages(gateway, "bob@a.example")] == ["lunch"]
     assert placed_calls(gateway) == []
+
+
+async def test_mail_still_arrives_after_the_maildir_was_removed(gateway: Gateway) -> None:
+    """Delivery checks a Maildir's folders once; a Maildir an admin removed since is made again."""
+    first = await submit(gateway.smtp_port, request_mail("alice@a.example", "bob@a.example", "one\n", subject="one"))
+    await wait_stage(gateway.store, first.queue_id, "delivered")
+    shutil.rmtree(maildir_for(gateway.config.mailbox_root, "bob@a.example"))
+    second = await submit(gateway.smtp_port, request_mail("alice@a.example", "bob@a.example", "two\n", subject="two"))
+    await wait_stage(gateway.store, second.queue_id, "delivered")
+    assert [m["Subject"] for m in maildir_messages(gateway, "bob@a.example")] == ["two"]
 
 
 @pytest.mark.parametrize(("recipient", "body", "code", "status", "text", "stage"), [

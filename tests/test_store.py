@@ -69,6 +69,27 @@ async def test_group_commit_keeps_each_transaction_atomic(tmp_path: Path) -> Non
         await store.close()
 
 
+async def test_a_write_waits_for_the_lock_another_process_holds_then_commits(tmp_path: Path) -> None:
+    """The event loop never waits for SQLite's write lock; the writer thread does, for a while."""
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    other = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)  # as `mailgw` run beside it
+    try:
+        await store.add_messages([NewMessage("q1", "a@x.example", "b@a.example", tmp_path / "x", 1, "request",
+                                             "a@x.example", {})])
+        other.execute("BEGIN IMMEDIATE")
+        writing = asyncio.create_task(store.add_stage("q1", "waiting", "x"))
+        done, _ = await asyncio.wait({writing}, timeout=0.3)
+        assert not done  # neither failed at once nor written past the lock
+        assert (await store.recent_counts(["a@x.example"], [], utcnow()))[0] == {"a@x.example": 1}  # reads go on
+        other.execute("COMMIT")
+        await asyncio.wait_for(writing, 5)
+        assert [s for _, s, _ in await store.stages("q1")] == ["received", "waiting"]
+    finally:
+        other.close()
+        await store.close()
+
+
 def test_maildir_delivery_and_reading_marks_seen(tmp_path: Path) -> None:
     delivered = mailbox.deliver(tmp_path, "bob@a.example", b"Subject: hello\r\n\r\nhi\r\n")
     assert delivered.parent.name == "new"
