@@ -15,6 +15,10 @@
   drops its *oldest* event when full (counted in ``dropped``, logged once per 1000 drops), so a
   slow consumer during an event flood costs bounded memory and never stalls the reader.
   No names = every event. Unknown events are simply not delivered to anyone who did not ask.
+* **Event filter** (``filter_events``, on for ``AmiPbx``'s own client): the session asks the PBX
+  for the listened-to events only (AMI ``Filter``, ``MatchCriteria: name(...)``), and widens the
+  filter when a listener for a new name is added. Spell names as Asterisk does (``DialBegin``):
+  the PBX compares them exactly. A PBX that refuses to filter is read unfiltered.
 * **Reconnect.** When the connection drops (PBX restart, network), every action in flight fails
   at once with ``PbxError``; new actions fail fast with ``PbxUnavailable`` (nothing was sent, so
   retrying is safe) until the session is back. A background task
@@ -60,6 +64,7 @@ ActionID, Uniqueid and channel name through dictionaries (no scanning).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import logging
@@ -198,6 +203,7 @@ class AmiClient:
         *,
         auth: str = "plain",  # or "md5" (Challenge/Key; the secret never crosses the wire)
         events: bool = True,
+        filter_events: bool = False,
         connect_timeout: float = 5.0,
         action_timeout: float = 10.0,
         keepalive_interval: float | None = 20.0,
@@ -212,6 +218,7 @@ class AmiClient:
         self._secret = secret
         self.auth = auth
         self.events = events
+        self.filter_events = filter_events
         self.connect_timeout = connect_timeout
         self.action_timeout = action_timeout
         self.keepalive_interval = keepalive_interval
@@ -224,6 +231,9 @@ class AmiClient:
         self._pending: dict[str, _Pending] = {}
         self._collecting = 0  # pendings in list mode; lets the hot path skip ActionID lookups
         self._listeners: dict[str | None, list[EventCallback]] = {}
+        self._spelled: dict[str, str] = {}  # listened event name, lower case -> as Asterisk spells it
+        self._filtered: set[str] | None = None  # names this session's PBX filters let through; None: all
+        self._kept: set[str] = set()  # lower-case names kept in the filter without a listener
         self._writer: asyncio.StreamWriter | None = None
         self._drain_lock = asyncio.Lock()
         self._logged_in = asyncio.Event()
@@ -329,6 +339,17 @@ class AmiClient:
 
     async def _send_and_wait(self, name: str, fields: Iterable[Field] | Mapping[str, str],
                              headers: Mapping[str, object], timeout: float | None) -> ListReply:
+        data, action_id, future, pending = self._register(name, fields, headers, timeout)
+        try:
+            await self._write(data)
+            return await future
+        finally:
+            if self._pending.pop(action_id, None) is not None and pending.response is not None:
+                self._collecting -= 1
+
+    def _register(self, name: str, fields: Iterable[Field] | Mapping[str, str], headers: Mapping[str, object],
+                  timeout: float | None) -> tuple[bytes, str, asyncio.Future[ListReply], _Pending]:
+        """An action's bytes, with its ActionID registered for the response."""
         msg = ami.action(name, fields, **headers)
         pairs = msg._fields
         action_id = next((v for k, v in pairs if k.lower() == "actionid"), None)
@@ -345,12 +366,7 @@ class AmiClient:
         deadline = loop.time() + timeout
         self._pending[action_id] = pending = _Pending(future, name, timeout, deadline)
         self._arm_reaper(loop, deadline)
-        try:
-            await self._write(data)
-            return await future
-        finally:
-            if self._pending.pop(action_id, None) is not None and pending.response is not None:
-                self._collecting -= 1
+        return data, action_id, future, pending
 
     # Timeouts: one timer for all pending actions (armed for the earliest deadline) instead of a
     # timer per action; with thousands of actions in flight that is most of the per-action cost.
@@ -403,6 +419,10 @@ class AmiClient:
         keys: list[str | None] = [n.lower() for n in names] or [None]
         for key in keys:
             self._listeners.setdefault(key, []).append(callback)
+        for name in names:
+            self._spelled.setdefault(name.lower(), name)
+        if self._filtered is not None:
+            self._widen_filter(names)
 
         def remove() -> None:
             for key in keys:
@@ -413,6 +433,15 @@ class AmiClient:
                         del self._listeners[key]
 
         return remove
+
+    def want_events(self, *names: str) -> None:
+        """Keep ``names`` in the PBX's event filter (``filter_events``) before anyone listens to
+        them, so that a listener added later misses none of them."""
+        for name in names:
+            self._spelled.setdefault(name.lower(), name)
+        self._kept.update(name.lower() for name in names)
+        if self._filtered is not None:
+            self._widen_filter(names)
 
     def subscribe(self, *names: str, maxsize: int = 1000) -> EventSubscription:
         """A bounded queue of the named events (none = all); drop-oldest when full."""
@@ -507,6 +536,77 @@ class AmiClient:
         reply = await self._send_and_wait("Login", (), headers, self.connect_timeout + 2.0)
         if not reply.response.ok:
             raise AmiLoginError(f"AMI login refused: {reply.response.message}")
+        if self.filter_events and self.events:
+            await self._install_filter()
+
+    # --- event filter at the PBX ---------------------------------------------------------------------
+    # A PBX sends every event of every call to every session: dozens per call, most of which no
+    # listener reads (Newstate, DialState, Bridge*, ...). With ``filter_events`` the session asks
+    # the PBX (AMI Filter action, Asterisk 22's MatchCriteria name()) for the events listened to
+    # only, so neither side spends time on the rest. A listener for a new name widens the filter
+    # at once, in a write that precedes any later action on this session: Asterisk runs a
+    # session's actions in order, so the listener gets every such event that follows the
+    # response to its caller's next action. Nobody listening to all events: no filter at all.
+
+    def _listened(self) -> list[str] | None:
+        """The names the listeners want, as spelled; None when one of them wants every event."""
+        if None in self._listeners:
+            return None
+        return sorted(self._spelled[key] for key in {*self._listeners, *self._kept} if key is not None)
+
+    async def _install_filter(self) -> None:
+        names = self._listened()
+        if names is None:
+            return
+        self._filtered = set(names)  # now: a listener added while these are on their way widens it
+        replies = await asyncio.gather(*(self._send_and_wait("Filter", (), self._filter_headers(name),
+                                                             self.connect_timeout) for name in names))
+        refused = [r.response for r in replies if not r.response.ok]
+        if len(refused) == len(replies):  # no filter in place (an AMI user without 'system' write)
+            self._filtered = None
+            self._filter_refused(refused[0])
+        elif refused:  # part of a filter would hide events from a listener: start again without
+            self._filter_refused(refused[0])
+            raise PbxError("AMI event filter partly refused; reconnecting without one")
+
+    @staticmethod
+    def _filter_headers(name: str | None) -> dict[str, str]:
+        if name is None:  # everything: a legacy regular expression that every event matches
+            return {"Operation": "Add", "Filter": "."}
+        return {"Operation": "Add", "MatchCriteria": f"name({name})"}
+
+    def _filter_refused(self, reply: Message) -> None:
+        """From now on no filter: the reader drops what nobody reads, at some cost."""
+        self.filter_events = False
+        log.warning("AMI: %s:%s refused the event filter (%s); reading all events instead (the AMI "
+                    "user needs the 'system' write class for Filter)", self.host, self.port, reply.message)
+
+    def _widen_filter(self, names: tuple[str, ...]) -> None:
+        """Let the events of a new listener through, written now (see above)."""
+        assert self._filtered is not None
+        wanted: list[str | None] = [n for n in dict.fromkeys(self._spelled[n.lower()] for n in names)
+                                    if n not in self._filtered] if names else [None]
+        writer = self._writer
+        if not wanted or writer is None or writer.is_closing():
+            return
+        for name in wanted:
+            data, action_id, future, _ = self._register("Filter", (), self._filter_headers(name), self.connect_timeout)
+            future.add_done_callback(functools.partial(self._filter_widened, action_id))
+            writer.write(data)
+        if None in wanted:
+            self._filtered = None
+        else:
+            self._filtered.update(n for n in wanted if n is not None)
+
+    def _filter_widened(self, action_id: str, future: asyncio.Future[ListReply]) -> None:
+        self._pending.pop(action_id, None)
+        if future.cancelled() or future.exception() is not None:
+            return  # the session ended: the next one installs the whole filter
+        if not future.result().response.ok:  # a listener would miss its events: start over unfiltered
+            self._filter_refused(future.result().response)
+            writer = self._writer
+            if writer is not None:
+                writer.close()
 
     async def _read(self, reader: asyncio.StreamReader, parser: Parser) -> None:
         dispatch, wanted = self._dispatch, self._wanted
@@ -534,6 +634,7 @@ class AmiClient:
     def _end_session(self, error: PbxError) -> None:
         """The connection is gone: fail every waiter now rather than let it time out."""
         self._logged_in.clear()
+        self._filtered = None
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
@@ -902,6 +1003,11 @@ class AmiPbx:
     """
 
     ROUTED_EVENTS = ("OriginateResponse", "DialBegin", "DialEnd", "Hangup", "SendFAX")
+    # Every event a part of the gateway may listen to (calls, line watching, incoming and
+    # outgoing calls, phone questions): in the PBX's filter from the login on, so a listener
+    # added later has its events from the first one, not only after the PBX read a new filter.
+    PRODUCT_EVENTS = (*ROUTED_EVENTS, "ExtensionStatus", "DeviceStateChange", "FullyBooted", "VarSet",
+                      *INCOMING_EVENTS, *OUTGOING_EVENTS)
 
     def __init__(self, config: PbxConfig, *, cause_grace: float = 1.0, connect_margin: float = 10.0,
                  client: AmiClient | None = None) -> None:
@@ -909,7 +1015,7 @@ class AmiPbx:
         self.cause_grace = cause_grace
         self.connect_margin = connect_margin
         self.client = client or AmiClient(config.ami.host, config.ami.port, config.ami.username,
-                                          config.ami.secret)
+                                          config.ami.secret, filter_events=True)
         self._slots = asyncio.Semaphore(max(1, config.max_concurrent_calls))
         self._by_action: dict[str, _Tracker] = {}
         self._by_uniqueid: dict[str, _Tracker] = {}
@@ -928,6 +1034,7 @@ class AmiPbx:
     async def start(self) -> None:
         if self._remove_listener is None:
             self._remove_listener = self.client.add_listener(self._route, *self.ROUTED_EVENTS)
+            self.client.want_events(*self.PRODUCT_EVENTS)
         if self.client.started:  # a client handed in already running
             return
         try:
