@@ -12,6 +12,8 @@ It starts, each in its own process:
     durable gateway must do;
 (b) ``mailgw serve`` on its embedded defaults with the built-in AMI simulator (phones act 1000x
     faster so calls never pile up; every mail names its own pair of numbers so no phone is busy).
+    The simulator runs in a child process of mailgw, as by default (``pbx.simulator.process``),
+    and its CPU counts as mailgw's; ``--simulator loop`` runs it in mailgw's event loop instead.
 
 A load generator (this process, a minimal SMTP client on raw sockets so it costs little) sends
 N request mails of ~4 KB at each concurrency C to each server, then N/10 mails with a ~200 KB WAV
@@ -92,22 +94,6 @@ def serve_floor(port: int, folder: Path) -> None:
         print("ready", flush=True)
         await stop.wait()
         server.close()
-
-    asyncio.run(main())
-
-
-def serve_simulator(port: int) -> None:
-    """The built-in AMI simulator alone, as a separate PBX process (``--pbx process``)."""
-    from mailgw.pbx.simulator import AmiSimulator
-
-    async def main() -> None:
-        sim = AmiSimulator(time_scale=0.001)
-        await sim.start("127.0.0.1", port)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        print("ready", flush=True)
-        await stop.wait()
-        await sim.stop()
 
     asyncio.run(main())
 
@@ -277,6 +263,10 @@ async def open_loop(label: str, port: int, mails: list[bytes], rate: float, sess
     return result
 
 
+def child_pids(pid: int) -> list[int]:
+    return [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of these processes (all their threads), from /proc."""
     total = 0
@@ -353,13 +343,13 @@ async def stop_process(proc: asyncio.subprocess.Process, *, under_profiler: bool
         proc.kill()
 
 
-def mailgw_config(folder: Path, smtp_port: int, ami_port: int, embedded_simulator: bool = True) -> Path:
+def mailgw_config(folder: Path, smtp_port: int, ami_port: int, simulator_process: bool = True) -> Path:
     config = folder / "gateway.yaml"
     config.write_text(yaml.safe_dump({
         "data_dir": str(folder / "var"),
         "mailbox": {"root": str(folder / "mailbox")},
         "smtp": {"listen": f"127.0.0.1:{smtp_port}"},
-        "pbx": {"ami": {"port": ami_port}, "simulator": {"enabled": embedded_simulator, "time_scale": 0.001}, "max_concurrent_calls": 500},
+        "pbx": {"ami": {"port": ami_port}, "simulator": {"time_scale": 0.001, "process": simulator_process}, "max_concurrent_calls": 500},
         # The bench sends thousands of requests from one sender to a few thousand numbers; the
         # rate limits (tested on their own) would refuse most of them.
         "policy": {"per_sender_per_hour": 10_000_000, "per_number_per_minute": 10_000_000,
@@ -447,9 +437,9 @@ async def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--warm-up", type=int, default=100, help="mails sent to each server first, not counted")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="run mailgw under py-spy, write its profile here")
-    parser.add_argument("--pbx", choices=["embedded", "process"], default="embedded",
-                        help="the simulator inside mailgw (its embedded default) or in its own process, "
-                             "as a real Asterisk would be")
+    parser.add_argument("--simulator", choices=["process", "loop"], default="process",
+                        help="the built-in simulator in a child process of mailgw (its default, "
+                             "pbx.simulator.process) or in mailgw's own event loop")
     parser.add_argument("--rates", type=float, nargs="*", default=[], metavar="MAILS_PER_S",
                         help="also send 4 KB mails at these fixed rates (latency at a known load)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
@@ -459,22 +449,20 @@ async def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="mailgw-bench-"))
     (folder / "floor").mkdir()
     floor_port, gw_port, ami_port = free_port(), free_port(), free_port()
-    embedded = args.pbx == "embedded"
     gateway_cmd = [sys.executable, "-m", "mailgw.cli", "serve", "--log-level", "WARNING",
-                   "--config", str(mailgw_config(folder, gw_port, ami_port, embedded))]
+                   "--config", str(mailgw_config(folder, gw_port, ami_port, args.simulator == "process"))]
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         gateway_cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "200", "--nonblocking",
                        "--gil", "--format", "raw", "--output", str(args.profile / "mailgw.folded"), "--", *gateway_cmd]
     floor = await start_process(sys.executable, __file__, "--serve-floor", str(floor_port), str(folder / "floor"),
                                 ready="ready")
-    pbx = None if embedded else await start_process(sys.executable, __file__, "--serve-simulator", str(ami_port),
-                                                    ready="ready")
     gateway = await start_process(*gateway_cmd, ready=None)
     rows: list[Row] = []
     try:
         await wait_for_port(gw_port)
-        gateway_pids = [gateway_pid(gateway, under_profiler=bool(args.profile))] + ([pbx.pid] if pbx else [])
+        main_pid = gateway_pid(gateway, under_profiler=bool(args.profile))
+        gateway_pids = [main_pid, *child_pids(main_pid)]  # its CPU includes the simulator's process
         small = [request_mail(i, None) for i in range(args.warm_up + args.n)]
         voice = voice_wav()
         big = [request_mail(len(small) + i, voice) for i in range(big_n)]
@@ -499,8 +487,6 @@ async def main() -> int:
         started = await originate_times(ami_port)
     finally:
         await stop_process(gateway, under_profiler=bool(args.profile))
-        if pbx is not None:
-            await stop_process(pbx)
         await stop_process(floor)
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -560,7 +546,5 @@ async def wait_for_port(port: int, timeout: float = 30) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--serve-floor":
         serve_floor(int(sys.argv[2]), Path(sys.argv[3]))
-    elif len(sys.argv) == 3 and sys.argv[1] == "--serve-simulator":
-        serve_simulator(int(sys.argv[2]))
     else:
         sys.exit(asyncio.run(main()))

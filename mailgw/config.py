@@ -75,6 +75,9 @@ class SimulatorConfig:
     enabled: bool = True
     phones: Path = field(default_factory=lambda: shipped("pbx", "phones.yaml"))
     time_scale: float = 1.0  # < 1 makes the simulated phones act faster (tests)
+    # In a child process of the gateway, as a real PBX is a process of its own: the gateway's
+    # event loop then has no phones to run. False: in the gateway's loop (tests, embedding).
+    process: bool = True
 
 
 @dataclass(frozen=True)
@@ -315,7 +318,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     pbx = _section(raw, "pbx", {"ami", "simulator", "dial_context", "connect_context", "ring_timeout",
                                 "caller_id", "max_concurrent_calls", "incoming_context"})
     ami = _section(pbx, "ami", {"host", "port", "username", "secret"}, "pbx.")
-    sim = _section(pbx, "simulator", {"enabled", "phones", "time_scale"}, "pbx.")
+    sim = _section(pbx, "simulator", {"enabled", "phones", "time_scale", "process"}, "pbx.")
     policy = _section(raw, "policy", {"allow", "deny", "actions", "per_sender_per_hour", "per_number_per_minute",
                                       "per_number_per_hour", "groups"})
     security = _section(raw, "security", {"trusted_networks", "tls", "dkim"})
@@ -363,6 +366,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
                 enabled=_bool(sim, "enabled", d.pbx.simulator.enabled, "pbx.simulator."),
                 phones=_path(sim, "phones", d.pbx.simulator.phones, base),
                 time_scale=_float(sim, "time_scale", d.pbx.simulator.time_scale, "pbx.simulator."),
+                process=_bool(sim, "process", d.pbx.simulator.process, "pbx.simulator."),
             ),
             dial_context=_str(pbx, "dial_context", d.pbx.dial_context, "pbx."),
             connect_context=_str(pbx, "connect_context", d.pbx.connect_context, "pbx."),

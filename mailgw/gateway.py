@@ -29,6 +29,7 @@ from .media import spool_dir
 from .notify import Notifier
 from .outbound import Outbox
 from .pbx.driver import AmiPbx
+from .pbx.sim_process import SimulatorProcess, SimulatorSettings
 from .pbx.simulator import AmiSimulator
 from .relay import Relay
 from .resources import shipped
@@ -45,7 +46,8 @@ class Gateway:
         self.directory: Directory = load_directory(config.directory)
         self.store = Store(config.data_dir / "mailgw.sqlite3")
         self.spool = Spool(config.data_dir / "spool")
-        self.simulator: AmiSimulator | None = None
+        self.simulator: AmiSimulator | None = None  # pbx.simulator.process false: in this loop
+        self.simulator_process: SimulatorProcess | None = None  # true: a child process
         self.pbx: AmiPbx | None = None
         self.destinations: Destinations = load_destinations(config.destinations)
         self.outbox = Outbox(config, self.directory, self.store, config.data_dir / "outbox", self.destinations)
@@ -102,20 +104,31 @@ class Gateway:
         self._server = await start_smtp(handler, self.config)
         log.info("mailgw listening for SMTP on %s:%d for %s; PBX %s at %s:%d", self.config.smtp.listen.host,
                  self.smtp_port, ", ".join(self.config.domains),
-                 "simulator" if self.simulator else "Asterisk", self.config.pbx.ami.host, self.ami_port)
+                 "simulator" if self.config.pbx.simulator.enabled else "Asterisk", self.config.pbx.ami.host,
+                 self.ami_port)
 
     async def _start_simulator(self) -> None:
         ami = self.config.pbx.ami
         sim = self.config.pbx.simulator
-        self.simulator = AmiSimulator(
-            phones=sim.phones, username=ami.username, secret=ami.secret, time_scale=sim.time_scale,
-            dial_context=self.config.pbx.dial_context, connect_context=self.config.pbx.connect_context,
-            # Like Asterisk's sounds directory: the media spool, then the shipped sample prompts.
-            media_dirs=[spool_dir(self.config), shipped("media")], recording_dir=sim_recordings(self.config))
-        port = await self.simulator.start(ami.host, ami.port)
+        # Like Asterisk's sounds directory: the media spool, then the shipped sample prompts.
+        media_dirs = [spool_dir(self.config), shipped("media")]
+        if sim.process:
+            self.simulator_process = SimulatorProcess(SimulatorSettings(
+                host=ami.host, port=ami.port, phones=str(sim.phones), username=ami.username, secret=ami.secret,
+                time_scale=sim.time_scale, dial_context=self.config.pbx.dial_context,
+                connect_context=self.config.pbx.connect_context, media_dirs=tuple(map(str, media_dirs)),
+                recording_dir=str(sim_recordings(self.config))))
+            port = await self.simulator_process.start()
+        else:
+            self.simulator = AmiSimulator(
+                phones=sim.phones, username=ami.username, secret=ami.secret, time_scale=sim.time_scale,
+                dial_context=self.config.pbx.dial_context, connect_context=self.config.pbx.connect_context,
+                media_dirs=media_dirs, recording_dir=sim_recordings(self.config))
+            port = await self.simulator.start(ami.host, ami.port)
         if port != ami.port:  # port 0 in the config: tell the driver where the simulator listens
             self.config = replace(self.config, pbx=replace(self.config.pbx, ami=replace(ami, port=port)))
-        log.info("built-in AMI simulator listening on %s:%d (phones from %s)", ami.host, port, sim.phones)
+        log.info("built-in AMI simulator listening on %s:%d (phones from %s%s)", ami.host, port, sim.phones,
+                 "; its own process" if sim.process else "")
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -140,6 +153,8 @@ class Gateway:
             await self.pbx.stop()
         if self.simulator is not None:
             await self.simulator.stop()
+        if self.simulator_process is not None:
+            await self.simulator_process.stop()
         await self.store.close()
         log.info("mailgw stopped")
 

@@ -43,7 +43,8 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
             mailbox_root=tmp_path / "mailbox",
             smtp=replace(base.smtp, listen=HostPort("127.0.0.1", 0)),
             pbx=replace(base.pbx, ami=replace(base.pbx.ami, port=0),
-                        simulator=replace(base.pbx.simulator, time_scale=TIME_SCALE)),
+                        # In the test's own loop: tests look at its phones and calls directly.
+                        simulator=replace(base.pbx.simulator, time_scale=TIME_SCALE, process=False)),
             # Tests ring the same demo phones over and over; the per-number limits (1/min by
             # default) are tested on their own in test_security.py with the real defaults.
             policy=replace(base.policy, per_number_per_minute=1000, per_number_per_hour=1000),

@@ -8,6 +8,7 @@ between "accepted" and "dialled" without any timing games.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -17,10 +18,13 @@ from pathlib import Path
 import yaml
 
 from mailgw.mailbox import list_mail
+from mailgw.pbx.driver import AmiClient
 from mailgw.pbx.simulator import AmiSimulator
 from mailgw.resources import shipped
 
 from .conftest import TIME_SCALE, request_mail, sim_calls, submit
+
+WAIT = 10.0
 
 
 def free_port() -> int:
@@ -45,9 +49,10 @@ class ServeProcess:
         await serve.wait_for(r"listening for SMTP")
         return serve
 
-    async def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+    async def wait_for(self, pattern: str, timeout: float = 20.0, *, after: int = 0) -> re.Match[str]:
+        """The first log line matching ``pattern``, of those from line ``after`` on."""
         regex = re.compile(pattern)
-        for line in self.lines:
+        for line in self.lines[after:]:
             if match := regex.search(line):
                 return match
 
@@ -123,3 +128,75 @@ async def test_request_accepted_before_a_crash_runs_exactly_once_after_restart(t
         for process in started:
             if process.proc.returncode is None:
                 process.proc.kill()
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(p) for task in Path(f"/proc/{pid}/task").iterdir()
+            for p in (task / "children").read_text().split()]
+
+
+async def exited(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a process that is not our child to end (a pidfd turns readable when it does)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_the_built_in_simulator_is_a_process_of_its_own_and_comes_back_after_a_crash(tmp_path: Path) -> None:
+    """The embedded default: the simulator runs in a child of ``mailgw serve``; killed, it is
+    started again and calls go on; the gateway killed, the simulator ends with it."""
+    smtp_port, ami_port = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "domains": ["a.example"], "data_dir": str(tmp_path / "var"), "smtp": {"listen": f"127.0.0.1:{smtp_port}"},
+        "mailbox": {"root": str(tmp_path / "mailbox")}, "directory": str(shipped("config", "directory.yaml")),
+        "pbx": {"ami": {"host": "127.0.0.1", "port": ami_port}, "simulator": {"time_scale": TIME_SCALE}},
+        "policy": {"per_number_per_minute": 10},  # the same two phones are called twice
+    }))
+    gateway = await ServeProcess.start(config)
+    try:
+        await gateway.wait_for(rf"built-in AMI simulator listening on 127.0.0.1:{ami_port} .*its own process")
+        [simulator] = child_pids(gateway.proc.pid)
+        first = await submit(smtp_port, request_mail("alice@a.example", "bob@a.example", "action: connect\n"))
+        await gateway.wait_for(rf"request {first.queue_id} outcome: answered")
+
+        os.kill(simulator, signal.SIGKILL)
+        await gateway.wait_for(r"AMI simulator process ended")
+        await gateway.wait_for(r"AMI: logged in", after=len(gateway.lines))  # the driver is back, on the new one
+        [restarted] = child_pids(gateway.proc.pid)
+        assert restarted != simulator
+        second = await submit(smtp_port, request_mail("alice@a.example", "bob@a.example", "action: connect\n"))
+        await gateway.wait_for(rf"request {second.queue_id} outcome: answered")
+        client = AmiClient("127.0.0.1", ami_port, "mailgw", "mailgw-secret")
+        await client.start()
+        try:
+            calls = await client.list_action("SimCalls")
+            # The restarted simulator knows only the call placed since.
+            assert [(e["From"], e["To"], e["Outcome"]) for e in calls.events] == [("2000", "2001", "answered")]
+        finally:
+            await client.close()
+
+        await gateway.kill()
+        await exited(restarted)  # stdin closed with the gateway: no simulator left behind
+        assert gateway.proc.stderr is not None
+        rest = await asyncio.wait_for(gateway.proc.stderr.read(), WAIT)  # what the simulator said last
+        assert b"AMI simulator stopped" in rest and b"Fatal" not in rest and b"Traceback" not in rest
+
+        gateway = await ServeProcess.start(config)  # and stopped as an admin does: both end cleanly
+        [simulator] = child_pids(gateway.proc.pid)
+        assert await gateway.terminate() == 0
+        await exited(simulator)
+        said = "".join(gateway.lines)
+        assert "AMI simulator stopped" in said and "Fatal" not in said and "Traceback" not in said
+    finally:
+        if gateway.proc.returncode is None:
+            gateway.proc.kill()

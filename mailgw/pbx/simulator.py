@@ -1,6 +1,7 @@
 """The built-in AMI simulator: a TCP server that speaks AMI the way Asterisk 22 (AMI 11.0.0) does.
 
-It is a product component, not a test mock: ``mailgw serve`` runs it in-process so the gateway
+It is a product component, not a test mock: ``mailgw serve`` runs it (in a child process,
+``sim_process``, or with ``pbx.simulator.process: false`` in its own event loop) so the gateway
 works on a laptop with no PBX, and any AMI client (ours, panoramisk, a telnet session) can log
 in, originate calls and watch the events. Its ground truth is the set of transcripts captured
 from a real Asterisk in ``reference/asterisk-ami``: same banner, responses, event names, field
