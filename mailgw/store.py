@@ -242,6 +242,16 @@ def _patient(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("PRAGMA busy_timeout=0")
 
 
+def _settle(batch: list[tuple[Statements, asyncio.Future[None]]], errors: list[BaseException | None]) -> None:
+    for (_, done), error in zip(batch, errors):
+        if done.done():
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+
 def _content_bytes(statements: Statements) -> int:
     return sum(len(p) for _, params in statements for p in params if type(p) is bytes)
 
@@ -362,19 +372,35 @@ class Store:
             async with self._writing:
                 try:
                     if self._stage_on_loop(transactions):
-                        errors: list[BaseException | None] = [None] * len(batch)
-                        await self._run(self._commit_staged)
-                    else:
-                        errors = await self._run(self._write_batch, transactions)
+                        await self._commit_staged_and_settle(batch)
+                        continue
+                    errors = await self._run(self._write_batch, transactions)
                 except BaseException as exc:  # the COMMIT itself failed: nothing of the batch is durable
                     errors = [exc] * len(batch)
-            for (_, done), error in zip(batch, errors):
-                if done.done():
-                    continue
-                if error is None:
-                    done.set_result(None)
-                else:
-                    done.set_exception(error)
+            _settle(batch, errors)
+
+    async def _commit_staged_and_settle(self, batch: list[tuple[Statements, asyncio.Future[None]]]) -> None:
+        """COMMIT on the writer thread, whose callback on the loop settles the batch's callers at
+        once: through ``run_in_executor`` they would wake one loop iteration later (the future
+        is copied, then this task wakes, then it settles them), and under load an iteration
+        takes milliseconds."""
+        loop = asyncio.get_running_loop()
+        settled = loop.create_future()
+
+        def commit() -> None:
+            try:
+                self._commit_staged()
+                error: BaseException | None = None
+            except BaseException as exc:  # nothing of the batch is durable: every caller gets it
+                error = exc
+            loop.call_soon_threadsafe(settle, error)
+
+        def settle(error: BaseException | None) -> None:
+            _settle(batch, [error] * len(batch))
+            settled.set_result(None)
+
+        self._executor.submit(commit)
+        await settled
 
     def _stage_on_loop(self, batch: list[Statements]) -> bool:
         """Run a batch's statements here, on the event loop, leaving only the COMMIT (the fsync) to
