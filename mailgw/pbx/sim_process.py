@@ -1,9 +1,10 @@
 """The built-in AMI simulator in a child process of the gateway (``pbx.simulator.process``).
 
 A real PBX is a process of its own, usually on another machine. Run in the gateway's event loop,
-the simulator's phones took a sixth of the loop's time under load (bench/request_path.py: 61 %
-of the aiosmtpd floor at concurrency 50 in the loop, 73 % in a child process). The gateway
-talks to it over AMI on ``pbx.ami`` exactly as it would to Asterisk.
+the simulator's phones took 13-16 % of the loop's time under load (bench/request_path.py at
+concurrency 50: 56-61 % of the aiosmtpd floor with the simulator in the loop, 69-82 % with it in
+a child process; docs/performance.md). The gateway talks to it over AMI on ``pbx.ami`` exactly
+as it would to Asterisk.
 
 ``SimulatorProcess.start()`` runs ``python -m mailgw.pbx.sim_process``, hands it its settings
 on stdin (the AMI secret never appears in the process list), and returns once the child says
