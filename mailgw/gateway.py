@@ -165,11 +165,11 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     # Everything loaded so far (modules, config, directory, number plans) lives as long as the
     # process: keep it out of the collector's full passes, which otherwise pause the loop ~50 ms.
     gc.freeze()
-    # Each SQLite statement on a store thread gives the GIL up and must get it back; under load
-    # the event loop holds it for the whole default 5 ms interval, so every statement waited up
-    # to 5 ms (bench/request_path.py at half load, p99 DATA->Originate: 61 ms with 5 ms, 46-52 ms
-    # with 0.2-1 ms).
-    sys.setswitchinterval(0.0005)
+    # A store thread's COMMIT, and each system call of a Maildir delivery, gives the GIL up and
+    # must get it back; under load the event loop holds it for the whole default 5 ms interval.
+    # bench/request_path.py, p50 DATA->Originate at C=10: 25-26 ms with 0.5 ms, 21-23 ms with
+    # 0.2 ms, at the same CPU per mail (with 5 ms, in an earlier round, p99 at half load was 61 ms).
+    sys.setswitchinterval(0.0002)
     try:
         await stop.wait()
     finally:
