@@ -413,14 +413,19 @@ class Store:
         large contents (copying and spilling megabytes would stall the loop), and a batch meeting
         the write lock held by another process (the thread waits for it instead) or a failing
         statement (the thread redoes the batch with a savepoint per transaction)."""
-        db = self._db
-        assert db is not None
         if sum(_content_bytes(statements) for statements in batch) > LOOP_BATCH_BYTES:
             return False
         try:
-            db.execute("BEGIN IMMEDIATE")  # busy_timeout 0 on this connection: never waits here
-        except sqlite3.OperationalError:
+            return self._stage(batch)
+        except sqlite3.OperationalError:  # BEGIN met another process's lock: busy_timeout 0 here
             return False
+
+    def _stage(self, batch: list[Statements]) -> bool:
+        """BEGIN IMMEDIATE and every statement of ``batch``, the transaction left open for
+        ``_commit_staged``; False, and rolled back, when a statement failed."""
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
         try:
             for statements in batch:
                 for sql, params in statements:
@@ -437,39 +442,31 @@ class Store:
         assert self._db is not None
         try:
             self._db.execute("COMMIT")
-        except BaseException:
+        except BaseException:  # nothing of the batch is durable: every caller gets the error
             self._db.execute("ROLLBACK")
             raise
 
     def _write_batch(self, batch: list[Statements]) -> list[BaseException | None]:
         assert self._db is not None
         with _patient(self._db):
-            return self._write_batch_patiently(batch)
-
-    def _write_batch_patiently(self, batch: list[Statements]) -> list[BaseException | None]:
-        errors: list[BaseException | None] = [None] * len(batch)
-        # Optimistic first: the whole batch as one transaction, without a SAVEPOINT per caller.
-        # Each statement hands the GIL over twice (SQLite runs without it), and under load every
-        # hand-over waits for the event loop, so fewer statements make a much shorter batch. Only
-        # when a statement fails is the batch rolled back and redone with savepoints.
-        if self._write_transactions(batch, errors, isolated=False):
+            errors: list[BaseException | None] = [None] * len(batch)
+            # Optimistic first: the whole batch as one transaction, without a SAVEPOINT per
+            # caller. Here on the thread each statement hands the GIL over twice (SQLite runs
+            # without it), so fewer statements make a much shorter batch. Only when a statement
+            # fails is the batch rolled back and redone with savepoints.
+            if self._stage(batch):
+                self._commit_staged()
+            else:
+                self._write_isolated(batch, errors)
             return errors
-        self._write_transactions(batch, errors, isolated=True)
-        return errors
 
-    def _write_transactions(self, batch: list[Statements], errors: list[BaseException | None], *,
-                            isolated: bool) -> bool:
-        """Run the transactions of ``batch`` in one COMMIT. Not ``isolated``: False (and
-        nothing written) if any statement failed. ``isolated``: each in a SAVEPOINT, a failing one
+    def _write_isolated(self, batch: list[Statements], errors: list[BaseException | None]) -> None:
+        """The transactions of ``batch`` in one COMMIT, each in a SAVEPOINT: a failing one is
         rolled back alone and its error put in ``errors``."""
         assert self._db is not None
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for index, statements in enumerate(batch):
-                if not isolated:
-                    for sql, params in statements:
-                        self._db.execute(sql, params)
-                    continue
                 self._db.execute("SAVEPOINT one")
                 try:
                     for sql, params in statements:
@@ -478,20 +475,10 @@ class Store:
                     self._db.execute("ROLLBACK TO one")
                     errors[index] = exc
                 self._db.execute("RELEASE one")
-        except sqlite3.Error:
-            self._db.execute("ROLLBACK")
-            if isolated:
-                raise
-            return False
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        try:
-            self._db.execute("COMMIT")
-        except BaseException:  # nothing of the batch is durable: every caller gets the error
-            self._db.execute("ROLLBACK")
-            raise
-        return True
+        self._commit_staged()
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         db = getattr(self._reading, "db", None) or self._db  # the connection of this thread (reader or loop)
@@ -576,8 +563,9 @@ class Store:
 
     async def recent_counts(self, senders: list[str], numbers: list[str],
                             now: datetime) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
-        """For rate limits, in one trip to the store thread: each sender's requests in the last
-        hour, and for each number the requests that rang it in the last minute and hour.
+        """For rate limits, in a few indexed lookups on the loop (``_read_here``): each sender's
+        requests in the last hour, and for each number the requests that rang it in the last
+        minute and hour.
 
         A sender's hour is counted by the minute, the oldest minute whole: up to a minute more
         than the hour, never less."""
@@ -588,7 +576,7 @@ class Store:
                                             " WHERE sender = ? AND minute >= ? AND minute <= ?",
                                             (s, _minute(hour), _minute(_ts(now))))[0][0]) for s in senders}
             by_number = {n: (0, 0) for n in numbers}
-            if numbers:  # one statement for all: each one costs the thread two GIL hand-overs
+            if numbers:  # one statement for all numbers and both windows
                 marks = ",".join("?" * len(numbers))
                 for number, last_minute, last_hour in self._query(
                         f"SELECT number, SUM(at >= ?), COUNT(*) FROM rings WHERE number IN ({marks}) AND at >= ?"
