@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from .config import Config
 from .directory import Directory, normalise_address
@@ -302,8 +302,64 @@ def plain_path(arg: str) -> tuple[str, str] | None:
     return match[1], match[2] or ""
 
 
+DATA_END = b"\r\n.\r\n"
+
+
+@dataclass
+class DataBody:
+    """What DATA has received so far: the body until the lone dot, or the fact that it is
+    refused (too long a line, too much data), in which case only its tail is kept, to see the end."""
+
+    size_limit: int | None
+    line_limit: int  # longest line, CRLF included (aiosmtpd's ``line_length_limit``)
+    data: bytearray = field(default_factory=bytearray)
+    refusal: str | None = None  # "line" or "size": answered after the end, as RFC 5321 4.2.5 implies
+    end: int = -1  # where the body ends (before the ".\r\n"), once the lone dot arrived
+    rest: bytes = b""  # what the client sent after the lone dot (pipelined commands)
+    _line_start: int = 0  # where the line the checks have not seen the end of begins
+    _discarded: int = 0  # bytes of a refused body no longer kept
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take the next bytes from the wire; True once the lone dot has arrived."""
+        searched = max(len(self.data) - 4, 0)  # the end marker may have begun in the last chunk
+        self.data += chunk
+        if self._discarded == 0 and self.data[:3] == b".\r\n":
+            at = 0  # an empty body
+        else:
+            found = self.data.find(DATA_END, searched)
+            at = found + 2 if found >= 0 else -1  # the body keeps its last CRLF
+        if self.refusal is None:
+            self._check_lines(at if at >= 0 else len(self.data), finished=at >= 0)
+        received = self._discarded + (at if at >= 0 else max(len(self.data) - 4, 0))
+        if self.refusal is None and self.size_limit and received > self.size_limit:
+            self.refusal = "size"
+        if at >= 0:
+            self.end = at
+            self.rest = bytes(self.data[at + 3:])
+            return True
+        if self.refusal is not None:  # refused: keep only what the end marker may begin with
+            self._discarded += max(len(self.data) - 4, 0)
+            del self.data[:-4]
+        return False
+
+    def _check_lines(self, upto: int, *, finished: bool) -> None:
+        lines = self.data[self._line_start:upto].split(b"\r\n")
+        unfinished = b"" if finished else lines.pop()
+        longest = max(map(len, lines), default=0) + 2
+        if longest > self.line_limit or len(unfinished) + 1 > self.line_limit:
+            self.refusal = "line"
+        self._line_start = upto - len(unfinished)
+
+    def content(self) -> bytes:
+        """The message: the body with each line's leading dot of transparency removed (RFC 5321 4.5.2)."""
+        body = bytes(self.data[:self.end])
+        body = body.replace(b"\r\n.", b"\r\n")
+        return body[1:] if body.startswith(b".") else body
+
+
 class GatewaySMTP(SMTP):
-    """aiosmtpd's protocol, with its two size refusals given RFC 3463 codes."""
+    """aiosmtpd's protocol, with its two size refusals given RFC 3463 codes and a DATA phase that
+    takes the body as it arrives rather than line by line (a 200 KB mail: 2,700 loop turns)."""
 
     def __init__(self, handler: Any, *, max_message_size: int, **kwargs: Any) -> None:
         super().__init__(handler, data_size_limit=max_message_size, **kwargs)
@@ -327,6 +383,47 @@ class GatewaySMTP(SMTP):
         elif text.startswith("500 Line too long"):
             status = LINE_TOO_LONG
         await super().push(status)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's ``smtp_DATA`` with the same replies and checks, reading what the client
+        sent in one piece per arrival. What follows the lone dot goes back to the reader, for
+        the command loop (PIPELINING)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        body = DataBody(self.data_size_limit, self.line_length_limit)
+        reader = self._reader
+        while True:
+            try:
+                chunk = await reader.read(1 << 30)  # all that has arrived, so the reader is empty after
+            except asyncio.CancelledError:  # the client went away (eof_received cancels the session)
+                log.info("connection lost during DATA")
+                self._writer.close()
+                raise
+            if not chunk:
+                self._writer.close()
+                raise asyncio.CancelledError
+            if body.feed(chunk):
+                break
+        if body.rest and not reader.at_eof():
+            reader.feed_data(body.rest)
+        if body.refusal is not None:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if body.refusal == "line"
+                            else "552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = body.content()
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
 
 async def start_smtp(handler: IngressHandler, config: Config) -> asyncio.base_events.Server:
