@@ -957,11 +957,12 @@ class Store:
 
     async def mark_called_back(self, caller_key: str, extension: str, at: datetime) -> list[str]:
         """The missed calls from ``caller_key`` (nobody answered, ended before ``at``, not yet
-        followed up) are marked called back by ``extension``; their ids."""
-        rows = await self._read(self._query, "SELECT id FROM incoming_calls i WHERE caller_key = ? AND answered_by IS NULL"
-                               " AND ended_at IS NOT NULL AND ended_at <= ?"
-                               " AND NOT EXISTS (SELECT 1 FROM callbacks c WHERE c.call_id = i.id)",
-                               (caller_key, _ts(at)))
+        followed up) are marked called back by ``extension``; their ids. Every answered call asks,
+        so the lookup (indexed by caller) runs on the loop (``_read_here``)."""
+        rows = await self._read_here(self._query, "SELECT id FROM incoming_calls i WHERE caller_key = ?"
+                                     " AND answered_by IS NULL AND ended_at IS NOT NULL AND ended_at <= ?"
+                                     " AND NOT EXISTS (SELECT 1 FROM callbacks c WHERE c.call_id = i.id)",
+                                     (caller_key, _ts(at)))
         ids = [r[0] for r in rows]
         if ids:
             await self._commit([("INSERT OR IGNORE INTO callbacks VALUES (?, ?, ?)", (i, _ts(at), extension))
