@@ -26,7 +26,7 @@ from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr, make_msgid
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from .absence_reply import missed_call_message_id
@@ -35,7 +35,7 @@ from .absence_recording import Recording, read_recording
 from .config import Config
 from .customers import display_number
 from .directory import Directory
-from .notify import LANGUAGES, Notifier
+from .notify import LANGUAGES, Notifier, TemplateFolder
 from .outbound import Outbox
 from .store import IncomingRow, NoticeRow, Store, utcnow
 
@@ -52,7 +52,7 @@ class AbsenceMailer:
         self.notifier = notifier
         self._wake = asyncio.Event()
         # The HTML alternative: the same sandbox, with every variable HTML-escaped.
-        self.html_env = SandboxedEnvironment(loader=FileSystemLoader(str(config.templates)), undefined=StrictUndefined,
+        self.html_env = SandboxedEnvironment(loader=TemplateFolder(str(config.templates)), undefined=StrictUndefined,
                                              autoescape=True, auto_reload=True)
 
     def wake(self) -> None:

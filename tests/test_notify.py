@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
 import shutil
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -60,3 +61,19 @@ def test_a_broken_template_falls_back_to_the_built_in_wording(tmp_path: Path, ca
     assert mail["Subject"] == "Request r1: busy"
     assert "Bob was busy" in mail.get_content()
     assert "template result.en.txt failed" in caplog.text
+
+
+@pytest.mark.parametrize(("check_every", "edited"), [(0.0, True), (3600.0, False)])
+def test_an_edited_template_takes_effect_once_its_check_is_due(tmp_path: Path, check_every: float, edited: bool) -> None:
+    """Templates are looked at for edits at most once a ``check_every`` (1 s in service), not per mail."""
+    shutil.copytree(CONFIG.templates, tmp_path / "templates")
+    template = tmp_path / "templates" / "result.en.txt"
+    notifier = Notifier(replace(CONFIG, templates=tmp_path / "templates"), DIRECTORY)
+    notifier.env.loader.check_every = check_every
+    result = Result("r1", "busy", "Bob was busy", NOW)
+    assert reparse(notifier.result_mail(request_from("alice@a.example"), result))["Subject"] != "edited"
+    template.write_text("Subject: edited\n\nnew body\n")
+    stat = template.stat()
+    os.utime(template, (stat.st_atime, stat.st_mtime + 10))  # a later mtime, whatever the clock's resolution
+    subject = reparse(notifier.result_mail(request_from("alice@a.example"), result))["Subject"]
+    assert (subject == "edited") is edited
