@@ -28,7 +28,7 @@ from jinja2 import TemplateError
 from pytimeparse2 import parse as parse_seconds
 
 from .absence_mail import notice_mail
-from .absence_memo import MemoCommand, parse_memo_mail, store_memo
+from .absence_memo import MEMO_WORDS, MemoCommand, parse_memo_mail, store_memo
 from .absence_reply import parse_call_reply
 from .auth import Sender, Trust
 from .directory import Directory, Person, normalise_address
@@ -37,6 +37,7 @@ from .status import Refused
 
 ABSENT_WORDS = frozenset({"absent", "away", "不在"})
 BACK_WORDS = frozenset({"back", "present", "在席", "戻り", "帰社"})
+COMMAND_WORDS = ABSENT_WORDS | BACK_WORDS | MEMO_WORDS
 MAX_LINES = 20
 log = logging.getLogger("mailgw.absence")
 
@@ -60,6 +61,16 @@ def command_words(message: Message) -> list[str] | None:
         words = unicodedata.normalize("NFKC", line).strip().lower().split()
         if words:
             return words
+    return None
+
+
+def first_word(text: str | None) -> str | None:
+    """The first word of the text's first non-empty line, NFKC- and case-folded, ended by a space
+    or a colon: a mail command is that word, so a mail whose first word is none is no command."""
+    for line in (text or "").split("\n", MAX_LINES)[:MAX_LINES]:
+        folded = unicodedata.normalize("NFKC", line).strip()
+        if folded:
+            return folded.split(None, 1)[0].split(":", 1)[0].casefold()
     return None
 
 
@@ -145,6 +156,8 @@ class AbsenceByMail:
         service = local in self.config.requests.service_mailboxes and self.config.is_local_domain(domain)
         if not service and not to_gateway:
             return None
+        if first_word(mail.text) not in COMMAND_WORDS:
+            return None  # nearly every mail: a request begins "to: ..."
         memo = await parse_memo_mail(mail.message, mail_from=mail_from or "-", to_gateway=to_gateway,
                                      config=self.config, directory=self.directory, store=self.store, sender=sender)
         if memo is not None or not service:

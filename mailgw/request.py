@@ -614,11 +614,12 @@ class ReceivedMail:
     """One mail as DATA received it. Its MIME structure is read once, when first needed: the
     mail-command hooks and the request parser look at it for every recipient."""
 
-    __slots__ = ("raw", "_message")
+    __slots__ = ("raw", "_message", "_text")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self._message: Message | None = None
+        self._text: tuple[str | None] | None = None
 
     @property
     def message(self) -> Message:
@@ -626,6 +627,13 @@ class ReceivedMail:
         if self._message is None:
             self._message = read_mime(self.raw)
         return self._message
+
+    @property
+    def text(self) -> str | None:
+        """``text_body(message)``, decoded once."""
+        if self._text is None:
+            self._text = (text_body(self.message),)
+        return self._text[0]
 
 
 def _is_attachment(entity: Message) -> bool:
