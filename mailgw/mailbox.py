@@ -13,7 +13,6 @@ import email.policy
 import grp
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Awaitable, Callable
 
 import watchfiles
 
-from .spool import write_durably
+from .spool import random_hex, write_durably
 
 log = logging.getLogger("mailgw.mailbox")
 
@@ -45,7 +44,7 @@ def deliver(root: Path, address: str, raw: bytes, *, group: str | None = None) -
     (rename it into ``cur/``) and keep its index files beside it."""
     folder = maildir_for(root, address)
     gid = grp.getgrnam(group).gr_gid if group else None
-    name = f"{time.time_ns() // 1000}.M{secrets.token_hex(6)}P{os.getpid()}.{socket.gethostname().replace('/', '-')}"
+    name = f"{time.time_ns() // 1000}.M{random_hex(6)}{_process_part()}"
     if folder not in _made:  # each Maildir is checked once; every check is a few system calls
         _make_maildir(folder, gid)
     try:
@@ -57,6 +56,14 @@ def deliver(root: Path, address: str, raw: bytes, *, group: str | None = None) -
 
 
 _made: set[Path] = set()  # Maildirs this process made or found whole
+_process: list[str] = []  # "P<pid>.<host>" of a Maildir file name, worked out once per process
+os.register_at_fork(after_in_child=_process.clear)
+
+
+def _process_part() -> str:
+    if not _process:
+        _process.append(f"P{os.getpid()}.{socket.gethostname().replace('/', '-')}")
+    return _process[0]
 
 
 def _make_maildir(folder: Path, gid: int | None) -> None:

@@ -8,7 +8,6 @@ after ``write_durably`` returns, a power cut cannot lose it or leave half of it.
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ _issued: dict[str, set[str]] = {}  # this second's ids: three random bytes alone
 _issuing = threading.Lock()         # a second more often than not at a few thousand ids a second
 _random = bytearray()  # secure random bytes fetched a few KB at a time: one system call per ~1,300 ids
 _stamp: tuple[int, str] = (0, "")  # the last second an id was issued in, and its text
+_drawing = threading.Lock()
 os.register_at_fork(after_in_child=_random.clear)  # a forked child must not issue its parent's ids
 
 
@@ -34,17 +34,19 @@ def new_id() -> str:
             _issued.clear()
             _issued[stamp] = set()
         seen = _issued[stamp]
-        while (candidate := f"{stamp}-{_random_hex(3)}") in seen:
+        while (candidate := f"{stamp}-{random_hex(3)}") in seen:
             pass
         seen.add(candidate)
     return candidate
 
 
-def _random_hex(count: int) -> str:
-    if len(_random) < count:
-        _random.extend(os.urandom(4096))
-    text = _random[-count:].hex()
-    del _random[-count:]
+def random_hex(count: int) -> str:
+    """``secrets.token_hex(count)`` from the same source, without a system call each time."""
+    with _drawing:
+        if len(_random) < count:
+            _random.extend(os.urandom(4096))
+        text = _random[-count:].hex()
+        del _random[-count:]
     return text
 
 
@@ -53,7 +55,7 @@ def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: 
     """Write ``data`` to ``path`` so that it survives a crash once this returns. With ``gid`` the
     file is readable and writable by that group (0660) before it appears under its name. Not
     ``make_dirs``: the caller knows both folders exist (FileNotFoundError when not)."""
-    tmp = (tmp_dir or path.parent) / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    tmp = (tmp_dir or path.parent) / f".{path.name}.{random_hex(4)}.tmp"
     if make_dirs:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
