@@ -40,6 +40,7 @@ END_OF_MESSAGE = "\r\n\r\n"
 Field = tuple[str, str]
 _SECRET_KEYS = frozenset({"secret", "key"})
 _SCAN_LIMIT = 24  # messages up to this many headers are searched in place, longer ones indexed
+_UNKNOWN = object()  # Message._find: only the split fields can tell
 
 
 class Message:
@@ -49,21 +50,72 @@ class Message:
     ``msg.with_fields(...)``.
     """
 
-    __slots__ = ("_fields", "_index")
+    __slots__ = ("_pairs", "_index", "_block", "_lower")
 
     def __init__(self, fields: Iterable[Field] | Mapping[str, str] = ()) -> None:
         if isinstance(fields, Mapping):
             fields = fields.items()
-        self._fields: list[Field] = [(str(k), "" if v is None else str(v)) for k, v in fields]
+        self._pairs: list[Field] | None = [(str(k), "" if v is None else str(v)) for k, v in fields]
         self._index: dict[str, str] | None = None
+        self._block: str | None = None
+        self._lower: str | None = None
 
     @classmethod
     def _trusted(cls, fields: list[Field]) -> Message:
         """Wrap an already well-formed list without copying (parser and builders)."""
         msg = object.__new__(cls)
-        msg._fields = fields
+        msg._pairs = fields
         msg._index = None
+        msg._block = None
+        msg._lower = None
         return msg
+
+    @classmethod
+    def _received(cls, block: str) -> Message:
+        """A message as it came off the wire, split into fields only when something needs them
+        all: most events are asked for two or three headers, found in the text itself."""
+        msg = object.__new__(cls)
+        msg._pairs = None
+        msg._index = None
+        msg._block = block
+        msg._lower = None
+        return msg
+
+    @property
+    def _fields(self) -> list[Field]:
+        pairs = self._pairs
+        if pairs is None:
+            pairs = self._pairs = _split_fields(self._block or "")
+        return pairs
+
+    def _find(self, key: str) -> str | None | object:
+        """``get(key)`` read from the text of a received message: the value, None when no line
+        has the key, or _UNKNOWN when only splitting the fields can tell (non-ASCII text, whose
+        lower case may differ in length)."""
+        block = self._block
+        assert block is not None
+        lower = self._lower
+        if lower is None:
+            if not block.isascii():
+                return _UNKNOWN
+            lower = self._lower = block.lower()
+        wanted = key.lower()
+        size = len(wanted)
+        colon: int | None = size if lower.startswith(wanted + ":") else None  # the first line's key
+        needle, start = EOL + wanted + ":", 0
+        while True:
+            if colon is None:
+                found = lower.find(needle, start)
+                if found < 0:
+                    return None
+                colon = found + 2 + size
+            after = block[colon + 1:colon + 2]
+            if after == " ":  # "Key: value"
+                end = block.find(EOL, colon + 2)
+                return block[colon + 2:] if end < 0 else block[colon + 2:end]
+            if after == "" or block.startswith(EOL, colon + 1):  # "Key:" with nothing after it
+                return ""
+            start, colon = colon, None  # "Key:x" is another key's line: look further on
 
     # --- lookup ----------------------------------------------------------------------------------
 
@@ -84,6 +136,10 @@ class Message:
 
     def get(self, key: str, default: str | None = None) -> str | None:
         """First value of ``key`` (any case), or ``default``."""
+        if self._pairs is None:
+            found = self._find(key)
+            if found is not _UNKNOWN:
+                return default if found is None else found  # type: ignore[return-value]
         index = self._index
         fields = self._fields
         if index is None and len(fields) <= _SCAN_LIMIT:
@@ -139,6 +195,13 @@ class Message:
     @property
     def event(self) -> str | None:
         """The event name, or None when this is not an event. Checked before ``Response:``."""
+        block = self._block
+        if self._pairs is None and block is not None:
+            if block.startswith("Event: "):  # where Asterisk always puts it
+                end = block.find(EOL)
+                return block[7:] if end < 0 else block[7:end]
+            if block.startswith("Response: "):
+                return None
         fields = self._fields
         if fields:
             first = fields[0][0]
@@ -167,6 +230,8 @@ class Message:
 
     @property
     def action_id(self) -> str | None:
+        if self._pairs is None:
+            return self.get("ActionID")
         fields = self._fields
         if len(fields) > 1 and fields[1][0] == "ActionID":  # the 2nd line of every response
             return fields[1][1]
@@ -245,6 +310,15 @@ def _header_value(value: object) -> str:
 
 def parse_block(block: str) -> Message:
     """One message from its text without the final blank line (CRLF-separated lines)."""
+    return Message._trusted(_split_fields(block))
+
+
+def _has_fields(block: str) -> bool:
+    """Whether ``_split_fields(block)`` finds a header: a line with ": " or ending in ":"."""
+    return ": " in block or ":\r\n" in block or block.endswith(":")
+
+
+def _split_fields(block: str) -> list[Field]:
     fields: list[Field] = []
     append = fields.append
     for line in block.split(EOL):
@@ -254,7 +328,7 @@ def parse_block(block: str) -> Message:
         elif line.endswith(":"):  # "Key:" with nothing after it: an empty value, leniently
             append((line[:-1], ""))
         # anything else (empty line, stray text) carries no header: skip it
-    return Message._trusted(fields)
+    return fields
 
 
 _ACTION_ID_LINE = EOL + "ActionID: "
@@ -303,9 +377,8 @@ class Parser:
                     end = block.find(EOL)
                     if not wanted(block[7:end] if end >= 0 else block[7:]):
                         continue
-                msg = parse_block(block)
-                if msg._fields:  # stray blank lines between messages carry nothing
-                    messages.append(msg)
+                if block.startswith("Event: ") or _has_fields(block):  # stray blank lines carry nothing
+                    messages.append(Message._received(block))
         return messages
 
     def _take_banner(self, text: str) -> str:

@@ -8,6 +8,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailgw.pbx.ami import Message, Parser, action, banner_version, parse_block
 
@@ -168,3 +170,24 @@ def test_banner_split_and_banner_sharing_a_chunk() -> None:
 def test_repr_never_shows_a_secret() -> None:
     msg = action("Login", Username="mailgw", Secret="s3cret-value")
     assert "s3cret-value" not in repr(msg)
+
+
+# --- a received message reads its headers from its text -----------------------------------------
+
+_KEYS = ["Event", "event", "EVENT", "ActionID", "actionid", "Response", "Channel", "Key", "Key:x", "Ké", "A B", ""]
+_LINE = st.one_of(
+    st.builds("{}: {}".format, st.sampled_from(_KEYS), st.sampled_from(["", "v", "a: b", "x:", " ", "é", "Key: y"])),
+    st.builds("{}:".format, st.sampled_from(_KEYS)),
+    st.sampled_from(["", "stray", "Key:x", ":", ": ", "Key :v", "\r", "Key:\rv"]))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_LINE, min_size=1, max_size=8))
+def test_a_received_message_reads_every_header_as_the_split_fields_do(lines: list[str]) -> None:
+    block = "\r\n".join(lines)
+    received, split = Message._received(block), parse_block(block)
+    for key in ["Event", "event", "ActionID", "Response", "Channel", "Key", "key", "Ké", "A B", "Missing", ""]:
+        assert received.get(key) == split.get(key), key
+        assert received.get(key, "-") == split.get(key, "-"), key
+    assert (received.event, received.action_id) == (split.event, split.action_id)
+    assert received.items() == split.items() and received == split
