@@ -209,7 +209,11 @@ def utcnow() -> datetime:
 
 
 def _ts(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat(timespec="microseconds") if value else None
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:  # most times are utcnow()'s already (a dozen a request)
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")
 
 
 def _fill_sender_minutes(db: sqlite3.Connection, now: datetime) -> None:
