@@ -11,10 +11,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from email.mime.text import MIMEText
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailgw.config import load_config
 from mailgw.directory import load_directory
-from mailgw.notify import OUTCOME_STATUS, REASONS, Notifier, Result
+from mailgw.notify import OUTCOME_STATUS, REASONS, Notifier, Result, _local, ascii_text
 from mailgw.request import parse_request
 
 CONFIG = load_config(None)
@@ -77,3 +80,17 @@ def test_an_edited_template_takes_effect_once_its_check_is_due(tmp_path: Path, c
     os.utime(template, (stat.st_atime, stat.st_mtime + 10))  # a later mtime, whatever the clock's resolution
     subject = reparse(notifier.result_mail(request_from("alice@a.example"), result))["Subject"]
     assert (subject == "edited") is edited
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(list("aZ09 .:;=?-\t") + ["\n", "\r\n", "From ", ">From", "." * 3, "x" * 90]),
+                max_size=60).map("".join))
+def test_an_ascii_result_mail_body_is_the_part_the_email_package_makes(body: str) -> None:
+    made, expected = ascii_text(body), MIMEText(body, "plain", "us-ascii")
+    assert made.items() == expected.items()
+    assert made.as_bytes() == expected.as_bytes() and made.as_string() == expected.as_string()
+
+
+@pytest.mark.parametrize("moment", [NOW, datetime(2026, 3, 29, 1, 30, 59, 999999, tzinfo=UTC), datetime(2026, 7, 1, 12, 0)])
+def test_times_in_mails_are_local_as_astimezone_gives_them(moment: datetime) -> None:
+    assert _local(moment) == moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
