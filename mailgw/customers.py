@@ -26,6 +26,7 @@ import phonenumbers
 import yaml
 
 from .directory import normalise_address
+from .numbering import parse_number
 
 FIELDS = ("name", "department", "contact", "phone", "fax", "address", "importance", "owner", "owner_address",
           "language")
@@ -76,7 +77,7 @@ def number_key(text: str | None, region: str, *, strict: bool = False) -> str | 
         return None
     folded = unicodedata.normalize("NFKC", text).strip()
     try:
-        parsed = phonenumbers.parse(folded, region)
+        parsed = parse_number(folded, region)
     except phonenumbers.NumberParseException:
         return None
     if not phonenumbers.is_possible_number(parsed) or (strict and not phonenumbers.is_valid_number(parsed)):

@@ -121,7 +121,7 @@ def parse_filter(expression: str, criteria: str | None) -> EventFilter:
 def _compile(regex: str) -> re.Pattern[str]:
     try:
         return re.compile(regex)
-    except re.error as exc:
+    except re.error:
         raise FilterError("Filter did not compile.  Check the syntax of the filter given.") from None
 
 
