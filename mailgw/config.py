@@ -233,6 +233,8 @@ class Config:
     # A group that may read and flag the Maildirs (an IMAP server such as Dovecot serving them):
     # delivered files become 0660 and folders 2770 with this group. None: private (0600/0700).
     mailbox_group: str | None = None
+    # Maildir deliveries made by a child process (mailbox_agent), not by threads of the gateway.
+    mailbox_agent: bool = True
     templates: Path = field(default_factory=lambda: shipped("templates"))
     pbx: PbxConfig = PbxConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -314,7 +316,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     d = Config()
     smtp = _section(raw, "smtp", {"listen", "max_message_size"})
     outbound = _section(raw, "outbound", {"smarthost", "retry_interval", "max_retry_interval", "give_up_after"})
-    mailbox = _section(raw, "mailbox", {"root", "group"})
+    mailbox = _section(raw, "mailbox", {"root", "group", "agent"})
     pbx = _section(raw, "pbx", {"ami", "simulator", "dial_context", "connect_context", "ring_timeout",
                                 "caller_id", "max_concurrent_calls", "incoming_context"})
     ami = _section(pbx, "ami", {"host", "port", "username", "secret"}, "pbx.")
@@ -354,6 +356,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         destinations=_path(raw, "destinations", None, base),
         mailbox_root=_path(mailbox, "root", d.mailbox_root, base),
         mailbox_group=_mailbox_group(mailbox.get("group")),
+        mailbox_agent=_bool(mailbox, "agent", d.mailbox_agent, "mailbox."),
         templates=_path(raw, "templates", d.templates, base),
         pbx=PbxConfig(
             ami=AmiConfig(

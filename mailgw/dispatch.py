@@ -64,6 +64,7 @@ class Dispatcher:
         self.receipt_deadlines = mdn.ReceiptDeadlines(on_expired=self._on_unread_expired)
         self._read_fired: set[str] = set()  # two paths (receipt and flag, read twice) run it once
         self.scenarios = ScenarioRunner(config, store, pbx, notifier, outbox, self._calls)
+        self.mailboxes: mailbox.Deliveries = mailbox.InThread()  # the gateway's MailboxAgent by default
 
     def submit(self, rows: list[MessageRow]) -> None:
         """Called by ingress after the 250 with the rows it stored: start working on them (without
@@ -124,8 +125,16 @@ class Dispatcher:
         if token is not None:
             await self._take_answer(row, token, raw)
             return
-        await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, raw,
-                                group=self.config.mailbox_group)
+        try:
+            await self.mailboxes.deliver(self.config.mailbox_root, row.rcpt_to, raw, group=self.config.mailbox_group)
+        except (mailbox.MailboxError, OSError) as exc:  # a full disk, the agent gone: not lost, tried again
+            await self.store.set_state(row.id, MessageState.QUEUED, stage="waiting",
+                                       detail=f"mailbox unavailable ({exc}); retry in {MAILBOX_RETRY_SECONDS:.0f}s",
+                                       not_before=utcnow() + timedelta(seconds=MAILBOX_RETRY_SECONDS))
+            log.warning("mail %s: could not deliver to the mailbox of %s (%s); retry in %.0fs", row.id, row.rcpt_to,
+                        exc, MAILBOX_RETRY_SECONDS)
+            self._start_later(row.id, MAILBOX_RETRY_SECONDS)
+            return
         await self.store.set_state(row.id, MessageState.DONE, stage="delivered", detail=f"to {row.rcpt_to}")
         log.info("mail %s delivered to the mailbox of %s", row.id, row.rcpt_to)
 
@@ -267,8 +276,12 @@ class Dispatcher:
                 await self._mailbox_down(row, request, deadline, exc)
                 return
         else:
-            path = await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, row.rcpt_to, marked,
-                                           group=self.config.mailbox_group)
+            try:
+                path = await self.mailboxes.deliver(self.config.mailbox_root, row.rcpt_to, marked,
+                                                    group=self.config.mailbox_group)
+            except (mailbox.MailboxError, OSError) as exc:
+                await self._mailbox_down(row, request, deadline, exc)
+                return
             link = path.name
         mails = [forward] if forward is not None else []
         if request.notify:

@@ -25,6 +25,7 @@ from .directory import Directory, load_directory
 from .destinations import Destinations, load_destinations
 from .dispatch import Dispatcher
 from .ingress import IngressHandler, start_smtp
+from .mailbox_agent import MailboxAgent
 from .media import spool_dir
 from .notify import Notifier
 from .outbound import Outbox
@@ -51,6 +52,9 @@ class Gateway:
         self.pbx: AmiPbx | None = None
         self.destinations: Destinations = load_destinations(config.destinations)
         self.outbox = Outbox(config, self.directory, self.store, config.data_dir / "outbox", self.destinations)
+        self.mailbox_agent = MailboxAgent() if config.mailbox_agent else None  # its process starts when needed
+        if self.mailbox_agent is not None:
+            self.outbox.mailboxes = self.mailbox_agent
         self.dispatcher: Dispatcher | None = None
         self.campons: Campons | None = None
         self.call_history: CallHistory | None = None
@@ -79,6 +83,7 @@ class Gateway:
         await self.pbx.start()
         notifier = Notifier(self.config, self.directory)
         self.dispatcher = Dispatcher(self.config, self.store, self.pbx, notifier, self.outbox)
+        self.dispatcher.mailboxes = self.outbox.mailboxes
         self.campons = Campons(self.config, self.directory, self.store, self.pbx, notifier, self.outbox)
         self.dispatcher.campons = self.campons
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
@@ -149,6 +154,8 @@ class Gateway:
         for task in pending:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.mailbox_agent is not None:  # after the outbox and the dispatcher: nothing delivers now
+            await self.mailbox_agent.stop()
         if self.pbx is not None:
             await self.pbx.stop()
         if self.simulator is not None:

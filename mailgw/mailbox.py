@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 import watchfiles
 
@@ -36,23 +36,44 @@ def maildir_for(root: Path, address: str) -> Path:
     return Path(root) / address
 
 
-def deliver(root: Path, address: str, raw: bytes, *, group: str | None = None) -> Path:
+def deliver(root: Path, address: str, raw: bytes, *, group: str | None = None, sync_folder: bool = True) -> Path:
     """Deliver one message durably into ``address``'s Maildir; returns its path in ``new/``.
 
     With ``group`` (``mailbox.group``) the Maildir is shared with that group: an IMAP server
     running as a member (Dovecot's ``mail_uid``/``mail_gid``) can read the message, set its flags
-    (rename it into ``cur/``) and keep its index files beside it."""
+    (rename it into ``cur/``) and keep its index files beside it. Not ``sync_folder``: the caller
+    fsyncs ``new/`` (``spool.fsync_folder``) before it counts the message as delivered."""
     folder = maildir_for(root, address)
     gid = grp.getgrnam(group).gr_gid if group else None
     name = f"{time.time_ns() // 1000}.M{random_hex(6)}{_process_part()}"
     if folder not in _made:  # each Maildir is checked once; every check is a few system calls
         _make_maildir(folder, gid)
     try:
-        return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp", gid=gid, make_dirs=False)
+        return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp", gid=gid, make_dirs=False,
+                             sync_folder=sync_folder)
     except FileNotFoundError:  # the Maildir was removed since (an admin tidying up): make it again
         _made.discard(folder)
         _make_maildir(folder, gid)
-        return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp", gid=gid, make_dirs=False)
+        return write_durably(folder / "new" / name, raw, tmp_dir=folder / "tmp", gid=gid, make_dirs=False,
+                             sync_folder=sync_folder)
+
+
+class MailboxError(Exception):
+    """A delivery the mailbox agent could not make (the message names the cause), or the agent is gone."""
+
+
+class Deliveries(Protocol):
+    """Who makes the gateway's Maildir deliveries: ``InThread`` or ``mailbox_agent.MailboxAgent``."""
+
+    async def deliver(self, root: Path, address: str, raw: bytes, *, group: str | None = None) -> Path: ...
+
+
+class InThread:
+    """Deliveries on a worker thread of the gateway's own process: with ``mailbox.agent: false``
+    (``mailbox_agent.MailboxAgent`` is the default), and for what a gateway did not set up."""
+
+    async def deliver(self, root: Path, address: str, raw: bytes, *, group: str | None = None) -> Path:
+        return await asyncio.to_thread(deliver, root, address, raw, group=group)
 
 
 _made: set[Path] = set()  # Maildirs this process made or found whole

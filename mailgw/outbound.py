@@ -88,6 +88,7 @@ class Outbox:
         self._content = _Held(HELD_BYTES)              # mail just stored (relayed, results): sent without a read
         self._tasks: set[asyncio.Task[None]] = set()
         self._look_again = False  # the last look at the table left due mail for later
+        self.mailboxes: mailbox.Deliveries = mailbox.InThread()  # the gateway's MailboxAgent by default
 
     async def prepare(self, message: Message, *, rcpt_to: str, request_id: str | None,
                       mail_from: str | None = None) -> OutboxEntry:
@@ -289,8 +290,7 @@ class Outbox:
         if raw is None:
             raw = await self._read(row)
         if local:
-            await asyncio.to_thread(mailbox.deliver, self.config.mailbox_root, address, raw,
-                                    group=self.config.mailbox_group)
+            await self.mailboxes.deliver(self.config.mailbox_root, address, raw, group=self.config.mailbox_group)
             return
         destination = await self._destination(domain)
         try:

@@ -51,10 +51,12 @@ def random_hex(count: int) -> str:
 
 
 def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: int | None = None,
-                  make_dirs: bool = True) -> Path:
+                  make_dirs: bool = True, sync_folder: bool = True) -> Path:
     """Write ``data`` to ``path`` so that it survives a crash once this returns. With ``gid`` the
     file is readable and writable by that group (0660) before it appears under its name. Not
-    ``make_dirs``: the caller knows both folders exist (FileNotFoundError when not)."""
+    ``make_dirs``: the caller knows both folders exist (FileNotFoundError when not). Not
+    ``sync_folder``: the caller fsyncs ``path.parent`` itself (``fsync_folder``), once for several
+    files, before it counts any of them as written."""
     tmp = (tmp_dir or path.parent) / f".{path.name}.{random_hex(4)}.tmp"
     if make_dirs:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,23 +66,26 @@ def write_durably(path: Path, data: bytes, *, tmp_dir: Path | None = None, gid: 
         if gid is not None:
             os.fchown(fd, -1, gid)
             os.fchmod(fd, 0o660)  # after the chown: the umask cannot narrow an explicit fchmod
-        _write_all(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_folder:
+        fsync_folder(path.parent)
     return path
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a pipe or a file may take part of it)."""
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make the names of the files just renamed into ``folder`` survive a crash."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 
+from mailgw import dispatch
 from mailgw.gateway import Gateway
 from mailgw.mailbox import maildir_for
 
@@ -165,6 +166,24 @@ async def test_mail_still_arrives_after_the_maildir_was_removed(gateway: Gateway
     second = await submit(gateway.smtp_port, request_mail("alice@a.example", "bob@a.example", "two\n", subject="two"))
     await wait_stage(gateway.store, second.queue_id, "delivered")
     assert [m["Subject"] for m in maildir_messages(gateway, "bob@a.example")] == ["two"]
+
+
+async def test_mail_a_maildir_cannot_take_now_is_kept_and_delivered_later(gateway: Gateway,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed delivery (here a file where bob's Maildir should be) leaves the mail queued and
+    tried again, not dropped."""
+    monkeypatch.setattr(dispatch, "MAILBOX_RETRY_SECONDS", 0.2)
+    folder = maildir_for(gateway.config.mailbox_root, "bob@a.example")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("in the way")
+    reply = await submit(gateway.smtp_port, request_mail("alice@a.example", "bob@a.example", "hi\n", subject="later"))
+    assert reply.code == 250
+    await wait_stage(gateway.store, reply.queue_id, "waiting")
+    [(state, detail)] = [(row.state, row.detail) for row in [await gateway.store.get_message(reply.queue_id)]]
+    assert "mailbox unavailable" in (detail or "") and "FileExistsError" in (detail or ""), (state, detail)
+    folder.unlink()
+    await wait_stage(gateway.store, reply.queue_id, "delivered")
+    assert [m["Subject"] for m in maildir_messages(gateway, "bob@a.example")] == ["later"]
 
 
 @pytest.mark.parametrize(("recipient", "body", "code", "status", "text", "stage"), [

@@ -22,7 +22,7 @@ from mailgw.pbx.driver import AmiClient
 from mailgw.pbx.simulator import AmiSimulator
 from mailgw.resources import shipped
 
-from .conftest import TIME_SCALE, request_mail, sim_calls, submit
+from .conftest import TIME_SCALE, exited, request_mail, sim_calls, submit
 
 WAIT = 10.0
 
@@ -130,25 +130,18 @@ async def test_request_accepted_before_a_crash_runs_exactly_once_after_restart(t
                 process.proc.kill()
 
 
-def child_pids(pid: int) -> list[int]:
-    return [int(p) for task in Path(f"/proc/{pid}/task").iterdir()
-            for p in (task / "children").read_text().split()]
+def child_pids(pid: int, module: str = "mailgw.pbx.sim_process") -> list[int]:
+    """The children of ``pid`` that run ``python -m module`` (the simulator, the mailbox agent)."""
+    children = [int(p) for task in Path(f"/proc/{pid}/task").iterdir()
+                for p in (task / "children").read_text().split()]
+    return [c for c in children if module in _command_line(c)]
 
 
-async def exited(pid: int, timeout: float = 10.0) -> None:
-    """Wait for a process that is not our child to end (a pidfd turns readable when it does)."""
+def _command_line(pid: int) -> list[str]:
     try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    gone = loop.create_future()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
-    try:
-        await asyncio.wait_for(gone, timeout)
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except FileNotFoundError:
+        return []
 
 
 async def test_the_built_in_simulator_is_a_process_of_its_own_and_comes_back_after_a_crash(tmp_path: Path) -> None:
@@ -197,6 +190,42 @@ async def test_the_built_in_simulator_is_a_process_of_its_own_and_comes_back_aft
         await exited(simulator)
         said = "".join(gateway.lines)
         assert "AMI simulator stopped" in said and "Fatal" not in said and "Traceback" not in said
+    finally:
+        if gateway.proc.returncode is None:
+            gateway.proc.kill()
+
+
+async def test_the_mailbox_agent_is_a_process_of_its_own_and_comes_back_after_a_crash(tmp_path: Path) -> None:
+    """The embedded default (``mailbox.agent``): result mails are written into the Maildir by a
+    child of ``mailgw serve``; killed, the next delivery starts a new one and no mail is lost;
+    the gateway killed, the agent ends with it."""
+    smtp_port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "domains": ["a.example"], "data_dir": str(tmp_path / "var"), "smtp": {"listen": f"127.0.0.1:{smtp_port}"},
+        "mailbox": {"root": str(tmp_path / "mailbox")}, "directory": str(shipped("config", "directory.yaml")),
+        "pbx": {"ami": {"host": "127.0.0.1", "port": free_port()}, "simulator": {"time_scale": TIME_SCALE}},
+        "policy": {"per_number_per_minute": 10},  # the same two phones are called twice
+    }))
+    gateway = await ServeProcess.start(config)
+    try:
+        await gateway.wait_for(r"mailgw listening for SMTP")
+        assert child_pids(gateway.proc.pid, "mailgw.mailbox_agent") == []  # started by the first delivery
+        first = await submit(smtp_port, request_mail("alice@a.example", "bob@a.example", "action: connect\n"))
+        await gateway.wait_for(rf"delivered to alice@a.example \(request {first.queue_id}\)")
+        [agent] = child_pids(gateway.proc.pid, "mailgw.mailbox_agent")
+
+        os.kill(agent, signal.SIGKILL)
+        await exited(agent)
+        second = await submit(smtp_port, request_mail("alice@a.example", "bob@a.example", "action: connect\n"))
+        await gateway.wait_for(rf"delivered to alice@a.example \(request {second.queue_id}\)")
+        [restarted] = child_pids(gateway.proc.pid, "mailgw.mailbox_agent")
+        assert restarted != agent
+        results = [m.message() for m in list_mail(tmp_path / "mailbox", "alice@a.example")]
+        assert sorted(m["X-CTI-Request"] for m in results) == sorted([first.queue_id, second.queue_id])
+
+        await gateway.kill()
+        await exited(restarted)  # its stdin closed with the gateway: no agent left behind
     finally:
         if gateway.proc.returncode is None:
             gateway.proc.kill()
