@@ -160,11 +160,11 @@ class ReadWatcher:
 
     The signal is the Maildir ``S`` (Seen) flag, which every reader of the Maildir sets: Dovecot
     serving it over IMAP, mutt, ``mailgw inbox --read``. File-system notifications (watchfiles:
-    inotify on Linux) on the ``new/`` and ``cur/`` folders wake the watcher as soon as a reader
-    renames a mail; it also polls every ``interval`` seconds (one directory listing per watched
-    mail), which covers network file systems where notifications do not arrive and a root that
-    cannot be watched. Each watched mail fires exactly one callback: read, gone (deleted
-    unread), or expired (still unread at its deadline).
+    inotify on Linux) on the ``new/`` and ``cur/`` folders, on while any mail is watched, wake
+    the watcher as soon as a reader renames a mail; it also polls every ``interval`` seconds (one
+    directory listing per watched mail), which covers network file systems where notifications do
+    not arrive and a root that cannot be watched. Each watched mail fires exactly one callback:
+    read, gone (deleted unread), or expired (still unread at its deadline).
     """
 
     def __init__(self, root: Path, *, on_read: Callable[[str], Awaitable[None]],
@@ -178,12 +178,21 @@ class ReadWatcher:
 
     def watch(self, message_id: str, address: str, name: str, deadline: datetime) -> None:
         self._watched[message_id] = (address, name, deadline)
+        self._changed.set()  # ``run`` turns the notifications on
 
     async def run(self) -> None:
-        stop = threading.Event()
-        notifications = asyncio.create_task(self._notify(stop))
+        # Notifications only while a mail is watched: otherwise every result mail delivered under
+        # the root woke the watch thread, whose filter needs the GIL, for nothing (bench/request_path.py).
+        stop: threading.Event | None = None
+        notifications: asyncio.Task[None] | None = None
         try:
             while True:
+                if self._watched and notifications is None:
+                    stop = threading.Event()
+                    notifications = asyncio.create_task(self._notify(stop))
+                elif not self._watched and notifications is not None and stop is not None:
+                    await _end_notifications(stop, notifications)
+                    notifications = None
                 try:  # a notification, or the poll period (not a synchronisation)
                     await asyncio.wait_for(self._changed.wait(), self.interval)
                 except TimeoutError:
@@ -191,9 +200,8 @@ class ReadWatcher:
                 self._changed.clear()
                 await self._check()
         finally:
-            stop.set()  # ends the watch thread within one step; a cancel alone waits for its timeout
-            notifications.cancel()
-            await asyncio.gather(notifications, return_exceptions=True)
+            if notifications is not None and stop is not None:
+                await _end_notifications(stop, notifications)
 
     async def _notify(self, stop: threading.Event) -> None:
         """Wake the watcher whenever a mail appears in, leaves or is renamed in a ``new/`` or
@@ -213,6 +221,12 @@ class ReadWatcher:
                 continue
             self._watched.pop(message_id, None)  # fire once, whatever happens next
             await report_reading(message_id, state, self.on_read, self.on_gone, self.on_expired)
+
+
+async def _end_notifications(stop: threading.Event, notifications: asyncio.Task[None]) -> None:
+    stop.set()  # ends the watch thread within one step; a cancel alone waits for its timeout
+    notifications.cancel()
+    await asyncio.gather(notifications, return_exceptions=True)
 
 
 async def report_reading(message_id: str, state: bool | None, on_read: Callable[[str], Awaitable[None]],
