@@ -183,16 +183,15 @@ class ReadWatcher:
     async def run(self) -> None:
         # Notifications only while a mail is watched: otherwise every result mail delivered under
         # the root woke the watch thread, whose filter needs the GIL, for nothing (bench/request_path.py).
-        stop: threading.Event | None = None
-        notifications: asyncio.Task[None] | None = None
+        notifying: tuple[threading.Event, asyncio.Task[None]] | None = None
         try:
             while True:
-                if self._watched and notifications is None:
+                if self._watched and notifying is None:
                     stop = threading.Event()
-                    notifications = asyncio.create_task(self._notify(stop))
-                elif not self._watched and notifications is not None and stop is not None:
-                    await _end_notifications(stop, notifications)
-                    notifications = None
+                    notifying = stop, asyncio.create_task(self._notify(stop))
+                elif not self._watched and notifying is not None:
+                    await _end_notifications(*notifying)
+                    notifying = None
                 try:  # a notification, or the poll period (not a synchronisation)
                     await asyncio.wait_for(self._changed.wait(), self.interval)
                 except TimeoutError:
@@ -200,8 +199,8 @@ class ReadWatcher:
                 self._changed.clear()
                 await self._check()
         finally:
-            if notifications is not None and stop is not None:
-                await _end_notifications(stop, notifications)
+            if notifying is not None:
+                await _end_notifications(*notifying)
 
     async def _notify(self, stop: threading.Event) -> None:
         """Wake the watcher whenever a mail appears in, leaves or is renamed in a ``new/`` or

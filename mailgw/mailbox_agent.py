@@ -148,18 +148,15 @@ async def _spawn() -> asyncio.subprocess.Process:
 def serve(fd_in: int, fd_out: int) -> None:
     """Answer frames from ``fd_in`` until it closes."""
     buffer = bytearray()
-    closed = False
-    while not closed or buffer:
+    while True:
         frames = _take_frames(buffer)
-        if not frames and closed:
-            return  # a frame cut off by the parent's end: nobody waits for its answer
-        if not frames or _readable(fd_in):
+        if not frames or _readable(fd_in):  # nothing whole yet, or more has come: into this batch
             data = os.read(fd_in, READ_CHUNK)
-            closed = closed or not data
+            if not data and not frames:
+                return  # closed (a frame cut off by the parent's end has nobody waiting for it)
             buffer += data
-            if frames:
-                frames += _take_frames(buffer)
-            else:
+            frames += _take_frames(buffer)
+            if not frames:
                 continue
         write_all(fd_out, b"".join(json.dumps(a).encode() + b"\n" for a in deliver_batch(frames)))
 
